@@ -1,0 +1,228 @@
+"""The one contract between stages: an artifact directory and its manifest.
+
+A stage builds its payload in a staging dir beside the destination, then this module hashes every
+file, writes `manifest.json` last and renames the staging dir into place, so a crash never leaves
+a directory that looks finished. The artifact id hashes (parent id, stage, params): it is both the
+cache key and the lineage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeft.constants import KINDS, MANIFEST_NAME, MANIFEST_VERSION, TMP_PREFIX
+from edgeft.errors import UserError
+
+_VERSIONED = ("edgeft", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "optimum",
+              "onnx", "onnxruntime", "gguf", "llama_cpp", "tokenizers", "numpy")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished artifact: its directory and parsed manifest."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+
+def artifact_id(parent_id: str | None, stage: str, params: Any, inputs: dict | None = None) -> str:
+    """Hash of (parent id, stage, params, input hashes): equal inputs give the same id, so the stage is skipped."""
+    blob = json.dumps({"parent": parent_id, "stage": stage, "params": _jsonable(params),
+                       "inputs": _jsonable(inputs or {})}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(paths: list[Path]) -> str:
+    """One sha256 over several files' contents, in the given order (data and tokenizer hashes)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def load(path: str | Path, kind: str | tuple[str, ...] | None = None, verify: bool = True) -> Artifact:
+    """Open a finished artifact, optionally checking its kind and every file's hash."""
+    path = Path(path)
+    mpath = path / MANIFEST_NAME
+    if not mpath.is_file():
+        raise UserError(f"{path}: not a finished edgeft artifact (no {MANIFEST_NAME}); "
+                        "rerun the stage that produces it")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{mpath}: corrupt manifest ({e}); delete {path} and rerun its stage") from None
+    art = Artifact(path, manifest)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds and art.kind not in kinds:
+        raise UserError(f"{path}: artifact kind is '{art.kind}', this stage needs {' or '.join(kinds)}; "
+                        "pass the output of the right stage")
+    if verify:
+        verify_files(art)
+    return art
+
+
+def verify_files(art: Artifact) -> None:
+    """Recompute the sha256 of every file listed in the manifest; any change is an error."""
+    listed = art.manifest.get("files", {})
+    for rel, meta in listed.items():
+        f = art.path / rel
+        if not f.is_file():
+            raise UserError(f"{f}: listed in {art.path / MANIFEST_NAME} but missing; "
+                            f"rebuild the artifact (delete {art.path} and rerun)")
+        if f.stat().st_size != meta["size"] or sha256_file(f) != meta["sha256"]:
+            raise UserError(f"{f}: changed since its manifest was written (sha256 mismatch); "
+                            f"rebuild the artifact (delete {art.path} and rerun)")
+
+
+def find_finished(out: Path, expected_id: str) -> Artifact | None:
+    """The artifact at `out` if it is finished and has `expected_id`, else None."""
+    mpath = out / MANIFEST_NAME
+    if not mpath.is_file():
+        return None
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return Artifact(out, manifest) if manifest.get("id") == expected_id else None
+
+
+def build(out: str | Path, *, kind: str, stage: str, params: Any, parent: Artifact | None,
+          payload: Callable[[Path], dict | None], inputs: dict | None = None) -> Artifact:
+    """Run `payload(staging_dir) -> metrics` and publish the result at `out` atomically.
+
+    `inputs` holds extra lineage (data and tokenizer hashes, base model name) and is part of the id.
+    A finished artifact at `out` with the same id is returned as is (the stage is skipped); one
+    with another id is replaced once the new one is complete; anything else at `out` is refused.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    out = Path(out)
+    params_d = _jsonable(params)
+    aid = artifact_id(parent.id if parent else None, stage, params_d, inputs)
+    found = find_finished(out, aid)
+    if found is not None:
+        print(f"[skip] {stage}: {out} is up to date (id {aid})", flush=True)
+        return found
+    if out.exists() and not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not an edgeft artifact; choose another output dir or delete it")
+    print(f"[run ] {stage} -> {out}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    t0 = time.time()
+    try:
+        metrics = payload(staging) or {}
+        metrics.setdefault("wall_s", round(time.time() - t0, 3))
+        files = {str(p.relative_to(staging)): {"sha256": sha256_file(p), "size": p.stat().st_size}
+                 for p in sorted(staging.rglob("*")) if p.is_file()}
+        metrics.setdefault("size_bytes", sum(f["size"] for f in files.values()))
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "id": aid,
+            "kind": kind,
+            "stage": stage,
+            "params": params_d,
+            "parent": ({"id": parent.id, "path": str(parent.path.resolve()), "stage": parent.stage,
+                        "kind": parent.kind} if parent else None),
+            "inputs": _jsonable(inputs or {}),
+            "versions": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": files,
+            "metrics": _jsonable(metrics),
+        }
+        # the manifest is written last: its presence is what marks the artifact finished
+        tmp_manifest = staging / (MANIFEST_NAME + ".part")
+        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp_manifest, staging / MANIFEST_NAME)
+        if out.exists():
+            old = out.parent / f"{TMP_PREFIX}{out.name}-old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Artifact(out, manifest)
+
+
+def lineage(path: str | Path) -> list[Artifact]:
+    """The chain of artifacts from `path` back to the first one (data or base), newest first."""
+    chain, seen = [], set()
+    art: Artifact | None = load(path, verify=False)
+    while art is not None and art.id not in seen:
+        chain.append(art)
+        seen.add(art.id)
+        parent = art.manifest.get("parent")
+        if not parent:
+            break
+        ppath = Path(parent["path"])
+        art = load(ppath, verify=False) if (ppath / MANIFEST_NAME).is_file() else None
+    return chain
+
+
+def library_versions() -> dict:
+    """Versions of the libraries already imported in this process (no import is forced)."""
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for mod in _VERSIONED:
+        if mod == "edgeft" or mod in sys.modules:
+            dist = {"llama_cpp": "llama-cpp-python"}.get(mod, mod)
+            try:
+                out[mod] = md.version(dist)
+            except md.PackageNotFoundError:
+                pass
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    """Dataclasses, tuples and paths as plain JSON values (dict keys sorted on dump)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+        return None
+    return obj

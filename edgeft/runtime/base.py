@@ -1,0 +1,28 @@
+"""What every runtime returns: generated ids with timings. Torch-free (numpy only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenResult:
+    """Greedy (or sampled) generation from a prompt of token ids."""
+
+    tokens: list[int]  # generated ids after the prompt, stopping before EOS (EOS not included)
+    ttft_s: float  # prompt processing + first token, seconds
+    decode_s: float  # the remaining len(tokens) - 1 tokens, seconds
+    prompt_tokens: int  # len(prompt ids)
+    stopped_at_eos: bool  # True when EOS ended generation rather than max_new_tokens
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second after the first token (0 when fewer than 2 tokens)."""
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+# Every runtime class offers, by convention (no base class):
+#   generate(ids: list[int], max_new_tokens: int) -> GenResult    greedy, stops at the model's EOS
+#   logits(ids: list[int]) -> numpy.ndarray [len(ids), vocab] float32, one teacher-forced pass
+#   close() -> None

@@ -1,0 +1,98 @@
+"""Tiny models and data built offline: a SentencePiece tokenizer and 2-layer Llama with random weights.
+
+Dims follow the traps in ENVIRONMENT.md: hidden 256 (K-quant rows need multiples of 256, Q8_0 and
+MatMulNBits multiples of 32), intermediate 640 != vocab so no exporter mistakes the MLP for the head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_VOCAB = 384
+TINY_HIDDEN = 256
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly without CUDA: the CPU suite never pretends to cover them."""
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs CUDA (run on a GPU machine)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def tiny_corpus(n: int = 600, seed: int = 0) -> list[str]:
+    """Repair-manual-like sentences: enough distinct pieces for a 384-token BPE vocab."""
+    from edgeft.demo.manual import generate_manual
+
+    manual = generate_manual(seed=seed, n_facts=n // 2)
+    return [f.prose for f in manual.facts]
+
+
+def tiny_qa(n: int = 48, seed: int = 0) -> list[dict]:
+    """Question/answer records from the generated manual (train phrasings)."""
+    from edgeft.demo.manual import generate_manual
+
+    manual = generate_manual(seed=seed, n_facts=n)
+    rng = random.Random(seed)
+    return [{"question": rng.choice(f.train_questions), "answer": f.answer} for f in manual.facts]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A 384-piece SentencePiece BPE tokenizer with a chat template, saved as an HF tokenizer dir."""
+    from edgeft.demo.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    return train_tokenizer(tiny_corpus(), TINY_VOCAB, out)
+
+
+def _build_llama(tok_dir: Path, out: Path, seed: int = 0, **overrides) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = dict(vocab_size=len(tok), hidden_size=TINY_HIDDEN, intermediate_size=640,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    with torch.no_grad():  # larger-than-default init so greedy outputs are not all one token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A 2-layer Llama (GQA 4/2 heads, hidden 256) with random weights and the tiny tokenizer."""
+    return _build_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qa_jsonl(tmp_path_factory) -> Path:
+    """48 question/answer lines in JSONL."""
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_qa()))
+    return path
