@@ -41,8 +41,7 @@ class Config:
 
 def run(src, cfg: Config, out: Path) -> artifact.Artifact:
     """Validate and normalise the train/eval data into a data artifact (src is unused: data is a root)."""
-    if cfg.format not in FORMATS:
-        raise UserError(f"data.format: '{cfg.format}' is not one of {', '.join(FORMATS)}")
+    validate(cfg)
 
     def payload(tmp: Path) -> dict:
         if cfg.train == EMBEDDED:
@@ -68,11 +67,19 @@ def run(src, cfg: Config, out: Path) -> artifact.Artifact:
     for key in ("train", "eval", "manual"):
         p = getattr(cfg, key)
         if p and p != EMBEDDED:
-            if not Path(p).is_file():
-                raise UserError(f"data.{key}: file not found: {p}; pass an existing JSONL path")
             inputs[f"{key}_sha256"] = artifact.sha256_file(Path(p))
     return artifact.build(out, kind=KIND_DATA, stage="data", params=cfg, parent=None, payload=payload,
                           inputs=inputs)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse an unknown format or a missing file before anything runs."""
+    if cfg.format not in FORMATS:
+        raise UserError(f"data.format: '{cfg.format}' is not one of {', '.join(FORMATS)}")
+    for key in ("train", "eval", "manual"):
+        p = getattr(cfg, key)
+        if p and p != EMBEDDED and not Path(p).is_file():
+            raise UserError(f"data.{key}: file not found: {p}; pass an existing file path")
 
 
 def load_records(path: Path, fmt: str = "auto") -> list[dict]:

@@ -62,10 +62,26 @@ def load_recipe(path: Path, overrides: dict[str, str]) -> dict:
     return recipe
 
 
+def export_configs(profile: Profile) -> dict:
+    """The export stages a profile asks for, with their configs."""
+    out = {}
+    if profile.gguf:
+        out["export_gguf"] = stage("export_gguf").Config(types=profile.gguf, threads=profile.threads)
+    if profile.onnx:
+        out["export_onnx"] = stage("export_onnx").Config(types=profile.onnx)
+    return out
+
+
 def run(recipe: dict, profile: Profile, out: Path) -> dict[str, artifact.Artifact]:
     """Run the whole chain into `out`; returns the artifacts by stage name."""
     from edgeft.stages import hf_io
 
+    for sec, st in RECIPE_SECTIONS.items():  # every stage refuses bad values before any stage runs
+        validate = getattr(stage(st), "validate", None)
+        if validate:
+            validate(recipe[sec])
+    for name, cfg in export_configs(profile).items():
+        stage(name).validate(cfg)
     base_cfg: Base = recipe["base"]
     embedded = base_cfg.model == EMBEDDED
     base_src = None if embedded else hf_io.resolve_model(base_cfg.model)  # fail before writing anything
@@ -92,14 +108,9 @@ def _run(recipe: dict, profile: Profile, out: Path, base_src) -> dict[str, artif
     if tuned.kind == KIND_ADAPTER:
         tuned = arts["merge"] = stage("merge").run(tuned, recipe["merge"], out / "merge")
     exports = []
-    if profile.gguf:
-        mod = stage("export_gguf")
-        arts["export_gguf"] = mod.run(tuned, mod.Config(types=profile.gguf, threads=profile.threads), out / "gguf")
-        exports.append(arts["export_gguf"])
-    if profile.onnx:
-        mod = stage("export_onnx")
-        arts["export_onnx"] = mod.run(tuned, mod.Config(types=profile.onnx), out / "onnx")
-        exports.append(arts["export_onnx"])
+    for name, cfg in export_configs(profile).items():
+        arts[name] = stage(name).run(tuned, cfg, out / name.split("_", 1)[1])
+        exports.append(arts[name])
     bench_cfg = dataclasses.replace(recipe["bench"], threads=profile.threads,
                                     max_samples=recipe["bench"].max_samples or profile.bench_samples)
     base_path = base_src.path if isinstance(base_src, artifact.Artifact) else base_src

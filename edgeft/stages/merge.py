@@ -33,8 +33,7 @@ class Config:
 def run(src: artifact.Artifact, cfg: Config, out: Path) -> artifact.Artifact:
     """Merge the adapter artifact `src` into its base; fails the stage if a check fails."""
     src = artifact.load(src.path, kind=KIND_ADAPTER)
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"merge.dtype: '{cfg.dtype}' is not one of {', '.join(DTYPES)}")
+    validate(cfg)
     train_cfg = src.manifest["params"]["config"]
     base_dir = hf_io.resolve_model(src.manifest["inputs"]["base_model"])
 
@@ -46,6 +45,12 @@ def run(src: artifact.Artifact, cfg: Config, out: Path) -> artifact.Artifact:
 
     return artifact.build(out, kind=KIND_HF, stage="merge", params=cfg, parent=src, payload=payload,
                           inputs={"base_model": str(base_dir)})
+
+
+def validate(cfg: Config) -> None:
+    """Refuse an unknown saved dtype before anything runs."""
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"merge.dtype: '{cfg.dtype}' is not one of {', '.join(DTYPES)}")
 
 
 def merge(base_dir: Path, adapter_dir: Path, train_cfg: dict, cfg: Config):

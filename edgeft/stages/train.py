@@ -59,7 +59,7 @@ class Config:
 
 def run(src, cfg: Config, out: Path, *, data: artifact.Artifact) -> artifact.Artifact:
     """Train `src` (an hf artifact, a local model dir or a hub id) on the `data` artifact."""
-    _check(cfg)
+    validate(cfg)
     data = artifact.load(data.path, kind=KIND_DATA)
     model_dir = hf_io.resolve_model(src)
     device = _device(cfg)
@@ -93,7 +93,8 @@ def run(src, cfg: Config, out: Path, *, data: artifact.Artifact) -> artifact.Art
                           inputs=inputs)
 
 
-def _check(cfg: Config) -> None:
+def validate(cfg: Config) -> None:
+    """Refuse values this stage (or this machine) cannot honour, before anything runs."""
     if cfg.method not in METHODS:
         raise UserError(f"train.method: '{cfg.method}' is not one of {', '.join(METHODS)}")
     if cfg.optim not in OPTIMS:

@@ -1,0 +1,329 @@
+"""Convert a transformers model dir to one GGUF file: our own converter over gguf-py's GGUFWriter.
+
+llama.cpp's convert_hf_to_gguf.py is not installable with the PyPI `gguf` (ENVIRONMENT.md), so this
+module does the part we need. One table per architecture maps HF tensor names to GGUF tensors;
+metadata goes through the writer's add_* methods (the keys live in gguf.Keys); the tokenizer is
+translated by edgeft.gguf_vocab. The header and tensor infos are written first from the planned
+shapes and types, then the data streams tensor by tensor from memory-mapped safetensors, so peak
+memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+from gguf import LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
+
+from edgeft import gguf_vocab
+from edgeft.errors import UserError
+
+OUT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what this writer produces itself; K-quants come from llama.cpp
+
+_QTYPE = {"f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0}
+_FILE_TYPE = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
+              "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_IGNORED = ("rotary_emb.inv_freq",)  # buffers some checkpoints saved; llama.cpp recomputes them
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one HF architecture maps onto a llama.cpp architecture."""
+
+    arch: MODEL_ARCH
+    tensors: dict[str, MODEL_TENSOR]  # HF name without .weight/.bias ({bid} = layer) -> GGUF tensor
+    permute_qk: bool  # llama.cpp's llama rope is interleaved, HF's is rotate_half: permute q/k rows
+    vocab: str  # "spm" (SentencePiece tokenizer.model) or "gpt2" (byte-level BPE tokenizer.json)
+
+
+_LLAMA_LIKE = {
+    "model.embed_tokens": MODEL_TENSOR.TOKEN_EMBD,
+    "model.norm": MODEL_TENSOR.OUTPUT_NORM,
+    "lm_head": MODEL_TENSOR.OUTPUT,
+    "model.layers.{bid}.input_layernorm": MODEL_TENSOR.ATTN_NORM,
+    "model.layers.{bid}.self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
+    "model.layers.{bid}.self_attn.k_proj": MODEL_TENSOR.ATTN_K,
+    "model.layers.{bid}.self_attn.v_proj": MODEL_TENSOR.ATTN_V,
+    "model.layers.{bid}.self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
+    "model.layers.{bid}.post_attention_layernorm": MODEL_TENSOR.FFN_NORM,
+    "model.layers.{bid}.mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
+    "model.layers.{bid}.mlp.up_proj": MODEL_TENSOR.FFN_UP,
+    "model.layers.{bid}.mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
+}
+LLAMA = ArchSpec(MODEL_ARCH.LLAMA, _LLAMA_LIKE, permute_qk=True, vocab="spm")
+# Qwen2 has the same tensor names plus q/k/v biases; llama.cpp runs it with NEOX rope (no permutation)
+QWEN2 = ArchSpec(MODEL_ARCH.QWEN2, _LLAMA_LIKE, permute_qk=False, vocab="gpt2")
+ARCHITECTURES = {"LlamaForCausalLM": LLAMA, "MistralForCausalLM": LLAMA, "Qwen2ForCausalLM": QWEN2}
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One tensor of the output file: where it comes from and what it becomes."""
+
+    hf_name: str
+    file: Path
+    gguf_name: str
+    shape: tuple[int, ...]
+    qtype: QType
+    permute_heads: int  # 0 = no q/k permutation, else the head count to permute with
+
+
+def convert(hf_dir: Path, out_file: Path, out_type: str = "f16", name: str | None = None) -> dict:
+    """Write `hf_dir` (config.json + safetensors + tokenizer) as one GGUF file; return what was written."""
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    if out_type not in OUT_TYPES:
+        raise UserError(f"GGUF type {out_type!r} is not written by this converter; "
+                        f"valid: {', '.join(OUT_TYPES)}")
+    config = _read_json(hf_dir / "config.json")
+    spec = _arch_spec(config, hf_dir)
+    hp = _hparams(config, hf_dir)
+    locations = _tensor_locations(hf_dir)
+    plan, fallbacks = _plan(spec, hp, locations, out_type)
+    n_rows = next(p.shape[0] for p in plan if p.gguf_name.startswith(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]))
+    vocab = gguf_vocab.load(hf_dir, spec.vocab, n_rows, config)
+
+    tmp = out_file.with_name(out_file.name + ".part")
+    writer = gguf.GGUFWriter(tmp, MODEL_ARCH_NAMES[spec.arch])
+    try:
+        _add_metadata(writer, hp, out_type, name or hf_dir.name, n_rows)
+        gguf_vocab.write(writer, vocab)
+        for p in plan:
+            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(p.shape, p.qtype)))
+            writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=p.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with ExitStack() as stack:
+            handles: dict[Path, object] = {}
+            for p in plan:  # one tensor in memory at a time
+                if p.file not in handles:
+                    handles[p.file] = stack.enter_context(_safe_open(p.file))
+                writer.write_tensor_data(_encode(p, _read_f32(handles[p.file], p.hf_name)))
+        writer.close()
+        os.replace(tmp, out_file)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    types: dict[str, int] = {}
+    for p in plan:
+        types[p.qtype.name] = types.get(p.qtype.name, 0) + 1
+    return {"arch": MODEL_ARCH_NAMES[spec.arch], "out_type": out_type, "n_tensors": len(plan),
+            "n_params": int(sum(np.prod(p.shape) for p in plan)), "tensor_types": types,
+            "fallbacks": fallbacks, "vocab_size": len(vocab.tokens), "tokenizer": vocab.model,
+            "size_bytes": out_file.stat().st_size}
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF rotate_half q/k rows -> llama.cpp's interleaved rope layout (per head: evens, odds)."""
+    return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of permute_qk: llama.cpp layout back to HF's."""
+    return (w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _arch_spec(config: dict, hf_dir: Path) -> ArchSpec:
+    archs = config.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    raise UserError(f"{hf_dir / 'config.json'}: architecture {archs or 'missing'} is not supported by the "
+                    f"GGUF writer; supported: {', '.join(ARCHITECTURES)}")
+
+
+def _hparams(config: dict, hf_dir: Path) -> dict:
+    """The hyperparameters llama.cpp needs, checked: a value we cannot express is an error."""
+    def need(key: str):
+        if config.get(key) is None:
+            raise UserError(f"{hf_dir / 'config.json'}: missing {key!r}, needed for GGUF export")
+        return config[key]
+
+    if config.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{hf_dir / 'config.json'}: hidden_act {config['hidden_act']!r}; llama.cpp's "
+                        "llama/qwen2 graphs use silu only")
+    rope_scaling = config.get("rope_scaling")
+    rtype = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
+    if rope_scaling and rtype not in ("linear", "default"):
+        raise UserError(f"{hf_dir / 'config.json'}: rope_scaling type {rtype!r} is not supported by the GGUF "
+                        "writer (only none or linear)")
+    if config.get("use_sliding_window"):
+        raise UserError(f"{hf_dir / 'config.json'}: use_sliding_window=true is not supported by the "
+                        "GGUF writer")
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    return {
+        "hidden": hidden, "heads": heads, "layers": need("num_hidden_layers"),
+        "ffn": need("intermediate_size"), "ctx": need("max_position_embeddings"),
+        "kv_heads": config.get("num_key_value_heads") or heads,
+        "head_dim": config.get("head_dim") or hidden // heads,
+        "rms_eps": need("rms_norm_eps"), "rope_theta": config.get("rope_theta", 10000.0),
+        "rope_linear": rope_scaling.get("factor") if rope_scaling and rtype == "linear" else None,
+        "tied": bool(config.get("tie_word_embeddings", False)),
+    }
+
+
+def _add_metadata(w: gguf.GGUFWriter, hp: dict, out_type: str, name: str, n_rows: int) -> None:
+    w.add_name(name)
+    w.add_context_length(hp["ctx"])
+    w.add_embedding_length(hp["hidden"])
+    w.add_block_count(hp["layers"])
+    w.add_feed_forward_length(hp["ffn"])
+    w.add_head_count(hp["heads"])
+    w.add_head_count_kv(hp["kv_heads"])
+    w.add_rope_freq_base(float(hp["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(hp["rms_eps"]))
+    w.add_rope_dimension_count(hp["head_dim"])
+    if hp["head_dim"] != hp["hidden"] // hp["heads"]:
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+    if hp["rope_linear"]:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(hp["rope_linear"]))
+    w.add_vocab_size(n_rows)
+    w.add_file_type(_FILE_TYPE[out_type])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _tensor_locations(hf_dir: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (single file or sharded index)."""
+    index = hf_dir / _SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map") or {}
+        missing = sorted({f for f in weight_map.values() if not (hf_dir / f).is_file()})
+        if missing:
+            raise UserError(f"{index}: lists shards that are missing: {', '.join(missing)}")
+        return {k: hf_dir / f for k, f in weight_map.items()}
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise UserError(f"{hf_dir}: weights are pickle files ({', '.join(pickles)}), which are never "
+                            "loaded (they can run code); re-save with "
+                            "model.save_pretrained(dir, safe_serialization=True)")
+        raise UserError(f"{hf_dir}: no *.safetensors weights found")
+    out: dict[str, Path] = {}
+    for f in files:
+        with _safe_open(f) as st:
+            for k in st.keys():
+                if k in out:
+                    raise UserError(f"{hf_dir}: tensor {k} is in both {out[k].name} and {f.name}")
+                out[k] = f
+    return out
+
+
+def _plan(spec: ArchSpec, hp: dict, locations: dict[str, Path], out_type: str) -> tuple[list[_Planned], dict]:
+    """Map every HF tensor to its GGUF name and type, in llama.cpp's order (embeddings, blocks, head)."""
+    allowed = set(MODEL_TENSORS[spec.arch])
+    templates = {}
+    for hf_stem, t in spec.tensors.items():
+        if t not in allowed:  # a table bug, not a user error
+            raise ValueError(f"{t.name} is not a tensor of {MODEL_ARCH_NAMES[spec.arch]}")
+        templates[hf_stem] = TENSOR_NAMES[t]
+    planned, fallbacks = [], {}
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+        for hf_name in locations:
+            if hf_name.endswith(_IGNORED):
+                continue
+            if hf_name == "lm_head.weight" and hp["tied"]:
+                continue  # tied: llama.cpp reads token_embd when output is absent
+            stem, _, suffix = hf_name.rpartition(".")
+            gguf_name = _gguf_name(stem, templates)
+            if gguf_name is None or suffix not in ("weight", "bias"):
+                raise UserError(f"tensor {hf_name} has no GGUF counterpart for "
+                                f"{MODEL_ARCH_NAMES[spec.arch]}; the model has parameters this converter "
+                                "does not know")
+            f = locations[hf_name]
+            if f not in handles:
+                handles[f] = stack.enter_context(_safe_open(f))
+            shape = tuple(handles[f].get_slice(hf_name).get_shape())
+            heads = 0
+            if spec.permute_qk and stem.endswith(".q_proj"):
+                heads = hp["heads"]
+            elif spec.permute_qk and stem.endswith(".k_proj"):
+                heads = hp["kv_heads"]
+            qtype, why = _choose_type(shape, out_type)
+            if why:
+                fallbacks[f"{gguf_name}.{suffix}"] = why
+            planned.append(_Planned(hf_name, f, f"{gguf_name}.{suffix}", shape, qtype, heads))
+    if not any(p.gguf_name.startswith(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]) for p in planned):
+        raise UserError("model has no model.embed_tokens.weight tensor")
+    planned.sort(key=_order)
+    return planned, fallbacks
+
+
+def _gguf_name(stem: str, templates: dict[str, str]) -> str | None:
+    if stem in templates:
+        return templates[stem]
+    parts = stem.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            key = ".".join(parts[:i] + ["{bid}"] + parts[i + 1:])
+            if key in templates:
+                return templates[key].format(bid=int(part))
+    return None
+
+
+def _order(p: _Planned) -> tuple:
+    first = p.gguf_name.startswith(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD])
+    parts = p.gguf_name.split(".")
+    block = int(parts[1]) if parts[0] == "blk" else -1
+    return (0 if first else 1 if block >= 0 else 2, block, p.gguf_name)
+
+
+def _choose_type(shape: tuple[int, ...], out_type: str) -> tuple[QType, str | None]:
+    """Norms, biases (1-D) stay F32; 2-D weights get the target unless their rows don't fit its blocks."""
+    if len(shape) < 2 or out_type == "f32":
+        return QType.F32, None
+    target = _QTYPE[out_type]
+    block = gguf.GGML_QUANT_SIZES[target][0]
+    if shape[-1] % block:
+        return QType.F16, f"F16: row length {shape[-1]} is not a multiple of the {target.name} block {block}"
+    return target, None
+
+
+def _encode(p: _Planned, data: np.ndarray) -> np.ndarray:
+    if p.permute_heads:
+        data = permute_qk(data, p.permute_heads)
+    if p.qtype == QType.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if p.qtype == QType.F16:
+        out = data.astype(np.float16)
+        if not np.isfinite(out).all() and np.isfinite(data).all():
+            raise UserError(f"tensor {p.hf_name} overflows float16 (max |w| = {np.abs(data).max():.4g}); "
+                            "export f32 or bf16 instead")
+        return out
+    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), p.qtype)
+
+
+def _safe_open(path: Path):
+    from safetensors import safe_open
+
+    # "pt": numpy cannot hold bfloat16; tensors are turned into float32 numpy arrays one at a time
+    return safe_open(str(path), framework="pt")
+
+
+def _read_f32(handle, name: str) -> np.ndarray:
+    import torch
+
+    return handle.get_tensor(name).to(torch.float32).numpy()
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: not found; the GGUF writer needs a transformers model dir")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None

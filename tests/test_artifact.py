@@ -1,0 +1,78 @@
+"""The artifact contract: atomic publish, manifest content, id caching, verification, lineage."""
+
+import json
+
+import pytest
+
+from edgeft import artifact
+from edgeft.constants import MANIFEST_NAME
+from edgeft.errors import UserError
+
+
+def _write(text):
+    def payload(tmp):
+        (tmp / "a.txt").write_text(text)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.bin").write_bytes(b"\x00\x01")
+        return {"loss": 1.5}
+    return payload
+
+
+def test_build_writes_manifest_last_with_hashes(tmp_path):
+    art = artifact.build(tmp_path / "x", kind="hf", stage="train", params={"lr": 1}, parent=None,
+                         payload=_write("hello"), inputs={"data_sha256": "abc"})
+    m = json.loads((tmp_path / "x" / MANIFEST_NAME).read_text())
+    assert m["kind"] == "hf" and m["stage"] == "train" and m["params"] == {"lr": 1}
+    assert m["files"]["a.txt"]["sha256"] == artifact.sha256_file(tmp_path / "x" / "a.txt")
+    assert "sub/b.bin" in m["files"] and m["metrics"]["loss"] == 1.5
+    assert m["inputs"] == {"data_sha256": "abc"} and "python" in m["versions"]
+    assert art.id == artifact.artifact_id(None, "train", {"lr": 1}, {"data_sha256": "abc"})
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_same_id_is_skipped_and_new_params_replace(tmp_path):
+    calls = []
+
+    def payload(tmp):
+        calls.append(1)
+        (tmp / "f").write_text("x")
+    a = artifact.build(tmp_path / "x", kind="hf", stage="s", params={"p": 1}, parent=None, payload=payload)
+    b = artifact.build(tmp_path / "x", kind="hf", stage="s", params={"p": 1}, parent=None, payload=payload)
+    assert a.id == b.id and len(calls) == 1
+    c = artifact.build(tmp_path / "x", kind="hf", stage="s", params={"p": 2}, parent=None, payload=payload)
+    assert c.id != a.id and len(calls) == 2
+    assert artifact.load(tmp_path / "x").id == c.id
+
+
+def test_failed_payload_leaves_nothing(tmp_path):
+    def boom(tmp):
+        (tmp / "half").write_text("x")
+        raise RuntimeError("killed")
+    with pytest.raises(RuntimeError):
+        artifact.build(tmp_path / "x", kind="hf", stage="s", params={}, parent=None, payload=boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_changed_file_fails_verification(tmp_path):
+    artifact.build(tmp_path / "x", kind="hf", stage="s", params={}, parent=None, payload=_write("hi"))
+    (tmp_path / "x" / "a.txt").write_text("tampered")
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        artifact.load(tmp_path / "x")
+
+
+def test_wrong_kind_and_unfinished_dir_are_user_errors(tmp_path):
+    artifact.build(tmp_path / "x", kind="gguf", stage="s", params={}, parent=None, payload=_write("hi"))
+    with pytest.raises(UserError, match="needs hf"):
+        artifact.load(tmp_path / "x", kind="hf")
+    (tmp_path / "y").mkdir()
+    with pytest.raises(UserError, match="not a finished edgeft artifact"):
+        artifact.load(tmp_path / "y")
+
+
+def test_lineage_walks_back_to_root(tmp_path):
+    a = artifact.build(tmp_path / "a", kind="data", stage="data", params={}, parent=None, payload=_write("1"))
+    b = artifact.build(tmp_path / "b", kind="hf", stage="train", params={}, parent=a, payload=_write("2"))
+    c = artifact.build(tmp_path / "c", kind="gguf", stage="export_gguf", params={}, parent=b, payload=_write("3"))
+    assert [x.stage for x in artifact.lineage(c.path)] == ["export_gguf", "train", "data"]
+    assert c.id != artifact.build(tmp_path / "d", kind="gguf", stage="export_gguf", params={}, parent=a,
+                                  payload=_write("3")).id  # the parent is part of the id

@@ -1,0 +1,57 @@
+"""Recipe and profile parsing: typed overrides, unknown keys listed, bad YAML located."""
+
+from pathlib import Path
+
+import pytest
+
+from edgeft import pipeline, profile
+from edgeft.config import parse_overrides
+from edgeft.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_overrides_are_typed():
+    r = pipeline.load_recipe(REPO / "recipes/tiny.yaml", parse_overrides(
+        ["train.epochs=2.5", "train.max_steps=7", "train.use_dora=true", "base.model=org/model",
+         "data.train=/x.jsonl"]))
+    assert r["train"].epochs == 2.5 and r["train"].max_steps == 7 and r["train"].use_dora is True
+    assert r["base"].model == "org/model" and r["data"].train == "/x.jsonl"
+
+
+def test_unknown_override_key_lists_valid_keys():
+    with pytest.raises(UserError, match="unknown override key 'train.epoch'.*train.epochs"):
+        pipeline.load_recipe(REPO / "recipes/tiny.yaml", {"train.epoch": "2"})
+    with pytest.raises(UserError, match="valid sections"):
+        pipeline.load_recipe(REPO / "recipes/tiny.yaml", {"nope.x": "2"})
+
+
+def test_mistyped_values_name_the_key(tmp_path):
+    with pytest.raises(UserError, match="train.max_steps: expected int"):
+        pipeline.load_recipe(REPO / "recipes/tiny.yaml", {"train.max_steps": "many"})
+    bad = tmp_path / "r.yaml"
+    bad.write_text("train:\n  lr: [1, 2]\n")
+    with pytest.raises(UserError, match="train.lr: expected float"):
+        pipeline.load_recipe(bad, {})
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("train:\n  lr: 1\n bad: [\n")
+    with pytest.raises(UserError, match=r"r.yaml:\d+: invalid YAML"):
+        pipeline.load_recipe(bad, {})
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "profiles").glob("*.yaml")))
+def test_every_profile_loads(name):
+    p = profile.load(name)
+    assert p.memory_budget_gb <= p.memory_gb and p.bandwidth_gbs > 0
+
+
+def test_profile_overrides_and_unknown_profile():
+    p = profile.load("tiny", {"threads": "4", "gguf": "q8_0,q4_k_m", "onnx": ""})
+    assert p.threads == 4 and p.gguf == ("q8_0", "q4_k_m") and p.onnx == ()
+    with pytest.raises(UserError, match="unknown profile 'nope'; choose one of"):
+        profile.load("nope")
+    with pytest.raises(UserError, match="unknown key 'speed'"):
+        profile.load("tiny", {"speed": "1"})

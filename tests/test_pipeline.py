@@ -1,0 +1,54 @@
+"""The whole chain on the tiny recipe and profile: data -> base -> qlora -> merge -> GGUF + ONNX -> bench."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgeft.constants import REPORT_FIELDS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(out, home, *extra):
+    env = {**os.environ, "EDGEFT_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "edgeft.cli", "run", "--recipe", str(REPO / "recipes/tiny.yaml"),
+                           "--profile", "tiny", "--out", str(out), *extra], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.integration
+def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
+    out, home = tmp_path / "run", tmp_path / "home"
+    t0 = time.time()
+    proc = _run(out, home)
+    first = time.time() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for d in ("data", "train", "merge", "gguf", "onnx", "bench"):
+        assert (out / d / "manifest.json").is_file(), d
+    records = json.loads((out / "bench" / "report.json").read_text())
+    names = [r["name"] for r in records]
+    assert names[:2] == ["base", "tuned"]
+    assert {"gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "onnx-fp32", "onnx-int8"} <= set(names)
+    for r in records:
+        assert set(REPORT_FIELDS) <= set(r)
+        assert r["size_bytes"] > 0 and r["decode_tok_s"] >= 0 and 0 <= r["top1_agreement"] <= 1
+    by = {r["name"]: r for r in records}
+    assert by["tuned"]["top1_agreement"] == 1.0
+    assert by["onnx-fp32"]["top1_agreement"] >= 0.99 and by["gguf-f16"]["top1_agreement"] >= 0.95
+    assert (out / "bench" / "report.md").read_text().startswith("| name |")
+    assert (out / "bench" / "report.csv").read_text().splitlines()[0].startswith("name,format,quant")
+
+    t0 = time.time()
+    again = _run(out, home)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("[skip]") >= 6 and "[run ]" not in again.stdout
+    assert time.time() - t0 < first / 2
+
+    show = subprocess.run([sys.executable, "-m", "edgeft.cli", "show", str(out / "bench")], capture_output=True, text=True)
+    assert show.returncode == 0
+    stages = [line.split()[0] for line in show.stdout.splitlines() if "id=" in line]
+    assert stages == ["bench", "merge", "train", "pretrain", "data"]
