@@ -71,6 +71,7 @@ def _cmd_run(args) -> int:
     prof = profile.load(args.profile, prof_over)
     recipe = pipeline.load_recipe(args.recipe, rec_over)
     arts = pipeline.run(recipe, prof, args.out)
+    print("\n" + (arts["bench"].path / "report.md").read_text(), flush=True)
     print(f"done: {len(arts)} artifacts in {args.out}; report: {arts['bench'].path / 'report.md'}")
     return 0
 

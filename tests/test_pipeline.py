@@ -39,6 +39,7 @@ def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
     by = {r["name"]: r for r in records}
     assert by["tuned"]["top1_agreement"] == 1.0
     assert by["onnx-fp32"]["top1_agreement"] >= 0.99 and by["gguf-f16"]["top1_agreement"] >= 0.95
+    assert by["gguf-q4_k_m"]["peak_rss_mb"] < by["tuned"]["peak_rss_mb"]  # each variant measured alone
     assert (out / "bench" / "report.md").read_text().startswith("| name |")
     assert (out / "bench" / "report.csv").read_text().splitlines()[0].startswith("name,format,quant")
 

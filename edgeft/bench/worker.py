@@ -67,7 +67,7 @@ def measure(variant: dict, samples: dict, ref_path: Path, save_ref: bool) -> dic
         "size_bytes": int(getattr(rt, "size_bytes", 0)),
         "ttft_ms": round(1000 * statistics.median(ttft), 2),
         "decode_tok_s": round(dec_tok / dec_s, 1) if dec_s > 0 else 0.0,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
         "load_s": round(load_s, 3),
         "exact_match": _mean(scores["em"]), "token_f1": _mean(scores["f1"]), "rouge_l": _mean(scores["rl"]),
         "key_fact": _mean(scores["kf"]) if scores["kf"] else None,
@@ -79,11 +79,21 @@ def measure(variant: dict, samples: dict, ref_path: Path, save_ref: bool) -> dic
     else:
         ref = np.load(ref_path)
         record["top1_agreement"] = round(float((np.concatenate(top1) == ref["top1"]).mean()), 4)
-        record["kld"] = round(M.kl_divergence(ref["logp"].astype(np.float64),
-                                              np.concatenate(logps)), 5)
+        record["kld"] = round(max(0.0, M.kl_divergence(ref["logp"].astype(np.float64),
+                                              np.concatenate(logps))), 5)
         ref_gens = json.loads(str(ref["gens"]))
         record["greedy_match"] = round(sum(a == b for a, b in zip(gens, ref_gens)) / len(gens), 4)
     return record
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS, MiB. VmHWM resets at exec; ru_maxrss would carry the parent's peak over."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def samples_decode(samples: dict, ids: list[int]) -> str:

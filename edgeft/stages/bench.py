@@ -36,8 +36,7 @@ def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifa
         for f in (tmp / "work").iterdir():
             f.unlink()
         (tmp / "work").rmdir()
-        table = report.write(records, tmp)
-        print(table, flush=True)
+        report.write(records, tmp)
         return {"variants": len(records), "samples": cfg.max_samples}
 
     return artifact.build(out, kind=KIND_BENCH, stage="bench", params=cfg, parent=src, payload=payload,
