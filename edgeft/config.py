@@ -120,7 +120,3 @@ def apply_overrides(tree: dict, overrides: dict[str, str], sections: dict[str, t
         tree[section][key] = value
     return tree
 
-
-def to_dict(cfg: Any) -> dict:
-    """A dataclass as a plain dict (for manifests and artifact ids)."""
-    return dataclasses.asdict(cfg)

@@ -21,6 +21,9 @@ ADAPTER_DIR = "adapter"
 REPORT_JSON = "report.json"
 REPORT_CSV = "report.csv"
 REPORT_MD = "report.md"
+# Tokenizer and generation files an artifact carries so the device side can tokenize on its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.model", "generation_config.json")
 
 # The fields of one bench record, in report column order.
 REPORT_FIELDS = (

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgeft import artifact, gguf_writer
 from edgeft.artifact import Artifact
-from edgeft.constants import KIND_GGUF, KIND_HF, TMP_PREFIX
+from edgeft.constants import KIND_GGUF, KIND_HF, TMP_PREFIX, TOKENIZER_FILES
 from edgeft.errors import StageFailure, UserError
 
 STAGE = "export_gguf"
@@ -34,8 +34,6 @@ _LLAMA_FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTL
 _NOMINAL = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0",
             "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}
 VALID_TYPES = gguf_writer.OUT_TYPES + tuple(_LLAMA_FTYPES)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "tokenizer.model", "config.json", "generation_config.json")
 # Gate tolerance: max |logit - torch| / max |torch logit| for the gate file (F16 KV cache, as deployed).
 # Observed on the tiny test Llama: f32 1.1e-3, f16 1.9e-3, bf16 1.4e-2; a q/k permutation bug gives ~1.
 _REL_TOL = {"f32": 0.01, "f16": 0.02, "bf16": 0.08}
@@ -66,7 +64,7 @@ def run(src: Artifact, cfg: Config, out: Path) -> Artifact:
     def payload(staging: Path) -> dict:
         with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=staging.parent) as tmp:
             files, metrics = _build_files(src.path, types, cfg.threads, staging, Path(tmp))
-            for name in TOKENIZER_FILES:
+            for name in ("config.json", *TOKENIZER_FILES):
                 if (src.path / name).is_file():
                     shutil.copy2(src.path / name, staging / name)
             metrics["parity"] = _parity_gate(src.path, files, Path(tmp))

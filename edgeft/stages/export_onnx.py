@@ -30,7 +30,7 @@ import numpy as np
 
 from edgeft import artifact
 from edgeft.artifact import Artifact
-from edgeft.constants import KIND_HF, KIND_ONNX
+from edgeft.constants import KIND_HF, KIND_ONNX, TOKENIZER_FILES
 from edgeft.errors import StageFailure, UserError
 from edgeft.runtime.onnx import CONFIG_FILE, MODEL_FILE, OnnxRuntime, eos_ids
 
@@ -40,8 +40,6 @@ VALID_TYPES = ("fp32", "fp16", "int8", "int4")  # also the order they are produc
 # (greedy tokens equal to PyTorch, max|logit diff| <= 5e-5, tiny random configs, optimum-onnx 0.1.0)
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
                    "granite", "olmo", "olmo2", "smollm3", "stablelm", "cohere", "glm", "nemotron")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "tokenizer.model", "generation_config.json")
 PARITY_TEXTS = ("The quick brown fox jumps over", "Question: How do I reset the unit?\nAnswer:",
                 "1, 2, 3, 4,")  # plus one chat-template prompt when the tokenizer has a template
 _PROTOBUF_LIMIT = 2 << 30  # bytes: larger graphs must keep their weights in external data

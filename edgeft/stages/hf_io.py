@@ -6,10 +6,9 @@ import shutil
 from pathlib import Path
 
 from edgeft import artifact
+from edgeft.constants import TOKENIZER_FILES
 from edgeft.errors import UserError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "tokenizer.model", "generation_config.json")
 
 
 def resolve_model(src) -> Path:
