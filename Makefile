@@ -6,7 +6,7 @@ STAMP := $(VENV)/.edgeft-installed
 PROFILE ?= x86-cpu
 OUT ?= runs/demo
 
-.PHONY: setup demo test test-all export clean
+.PHONY: setup demo test test-all export clean genai-env
 
 setup: $(STAMP)
 
@@ -19,15 +19,38 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,onnx,gguf,dev]"
 	touch $(STAMP)
 
+# The onnxruntime-genai model builder (export_onnx route: genai) needs transformers 5, which cannot
+# share .venv with optimum-onnx: a pinned converter venv of its own (~2 GB), made on first use only.
+GENAI_VENV ?= .venv-genai
+GENAI_STAMP := $(GENAI_VENV)/.edgeft-genai-installed
+genai-env: $(GENAI_STAMP)
+
+$(GENAI_STAMP): constraints-genai.txt
+	@echo "creating $(GENAI_VENV): the onnxruntime-genai builder's own env (transformers 5), used by export_onnx route=genai"
+	test -x $(GENAI_VENV)/bin/python || $(PY) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GENAI_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(GENAI_VENV)/bin/python -m pip install -q -r constraints-genai.txt
+	touch $(GENAI_STAMP)
+
 demo: setup
 	@start=$$(date +%s); \
 	$(BIN)/edgeft run --recipe recipes/demo.yaml --profile $(PROFILE) --out $(OUT) && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"
 
-test: setup
+# A deployable bundle for a device: make export PROFILE=jetson [FROM=run-or-hf-artifact] -> dist/PROFILE
+# (pre-flight, build the profile's variants, bench them here, select per the gate, bundle).
+# With the default FROM (the demo run) the demo is built first when it is missing.
+FROM ?= $(OUT)
+export: setup
+	@if [ "$(FROM)" = "$(OUT)" ] && [ ! -f "$(OUT)/bench/manifest.json" ]; then \
+	  $(MAKE) demo PROFILE=x86-cpu OUT=$(OUT); fi
+	$(BIN)/edgeft export --profile $(PROFILE) --from $(FROM) --out dist/$(PROFILE)
+
+test: setup genai-env
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-all: setup
+test-all: setup genai-env
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -9,6 +9,7 @@ cache key and the lineage.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeft.constants import KINDS, MANIFEST_NAME, MANIFEST_VERSION, TMP_PREFIX
-from edgeft.errors import UserError
+from edgeft.errors import StageFailure, UserError
 
 _VERSIONED = ("edgeft", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "optimum",
               "onnx", "onnxruntime", "gguf", "llama_cpp", "tokenizers", "numpy")
@@ -95,17 +96,40 @@ def load(path: str | Path, kind: str | tuple[str, ...] | None = None, verify: bo
     return art
 
 
+_VERIFIED: dict[str, tuple] = {}  # artifact dir -> (id, stat signature) already hashed in this process
+
+
 def verify_files(art: Artifact) -> None:
     """Recompute the sha256 of every file listed in the manifest; any change is an error."""
     listed = art.manifest.get("files", {})
+    key = str(art.path.resolve())
+    sig = (art.id, _stat_signature(art.path, listed))
+    if _VERIFIED.get(key) == sig:
+        return  # hashed earlier in this process and not touched since (size and mtime unchanged)
+    root = art.path.resolve()
     for rel, meta in listed.items():
         f = art.path / rel
+        if Path(rel).is_absolute() or root not in (root / rel).resolve().parents:
+            raise UserError(f"{art.path / MANIFEST_NAME}: file entry '{rel}' points outside the artifact; "
+                            "the manifest was edited by hand or is hostile: rebuild the artifact")
         if not f.is_file():
             raise UserError(f"{f}: listed in {art.path / MANIFEST_NAME} but missing; "
                             f"rebuild the artifact (delete {art.path} and rerun)")
         if f.stat().st_size != meta["size"] or sha256_file(f) != meta["sha256"]:
             raise UserError(f"{f}: changed since its manifest was written (sha256 mismatch); "
                             f"rebuild the artifact (delete {art.path} and rerun)")
+    _VERIFIED[key] = sig
+
+
+def _stat_signature(root: Path, listed: dict) -> tuple:
+    out = []
+    for rel in sorted(listed):
+        try:
+            st = (root / rel).stat()
+            out.append((rel, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((rel, None, None))
+    return tuple(out)
 
 
 def find_finished(out: Path, expected_id: str) -> Artifact | None:
@@ -133,14 +157,18 @@ def build(out: str | Path, *, kind: str, stage: str, params: Any, parent: Artifa
     out = Path(out)
     params_d = _jsonable(params)
     aid = artifact_id(parent.id if parent else None, stage, params_d, inputs)
+    if parent is not None:
+        verify_files(parent)  # every stage checks its input's file hashes before using it
     found = find_finished(out, aid)
     if found is not None:
+        verify_files(found)  # a finished artifact edited since is an error, never silently reused
         print(f"[skip] {stage}: {out} is up to date (id {aid})", flush=True)
         return found
     if out.exists() and not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not an edgeft artifact; choose another output dir or delete it")
     print(f"[run ] {stage} -> {out}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
     staging = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
@@ -177,10 +205,41 @@ def build(out: str | Path, *, kind: str, stage: str, params: Any, parent: Artifa
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, out)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            free = shutil.disk_usage(out.parent).free / 2**30
+            raise StageFailure(f"{stage}: disk full while writing {out} ({free:.1f} GiB free now); "
+                               "free space or choose another --out, then rerun (finished stages are kept)") from e
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Artifact(out, manifest)
+
+
+def scratch_prefix(out: Path) -> str:
+    """Prefix for a stage's scratch dir beside `out`: carries the pid, so a killed run's leftovers get cleaned."""
+    return f"{TMP_PREFIX}{Path(out).name}-{os.getpid()}-scratch-"
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Delete staging and scratch dirs that a killed run left beside `out` (their process is gone)."""
+    prefix = f"{TMP_PREFIX}{out.name}-"
+    for d in out.parent.glob(f"{prefix}*"):
+        pid = next((int(x) for x in d.name[len(prefix):].split("-") if x.isdigit()), None)
+        if d.is_dir() and pid is not None and pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def lineage(path: str | Path) -> list[Artifact]:

@@ -1,4 +1,4 @@
-"""Command line: edgeft run | show | bench-report.
+"""Command line: edgeft run | show | bench | export | ask | doctor.
 
 Errors end in one line on stderr naming what to fix, exit code 2 for bad input and 1 for a failed
 run; `--debug` shows the traceback.
@@ -18,6 +18,10 @@ EXAMPLES = """examples:
   edgeft run --recipe recipes/demo.yaml --profile x86-cpu --out runs/demo
   edgeft run --recipe recipes/demo.yaml --profile jetson --out runs/j data.train=my.jsonl base.model=org/model
   edgeft show runs/demo/bench
+  edgeft bench runs/demo/merge runs/demo/gguf --eval runs/demo/data --out runs/demo/bench-here --select
+  edgeft export --profile jetson --from runs/demo      # writes dist/jetson
+  edgeft ask dist/jetson "What does fault code E964 mean?"
+  edgeft doctor dist/jetson
 """
 
 
@@ -36,12 +40,54 @@ def main(argv: list[str] | None = None) -> int:
                             "profile.threads=, ...)")
     p_show = sub.add_parser("show", help="print an artifact's lineage back to the data")
     p_show.add_argument("dir", type=Path)
+    p_bench = sub.add_parser("bench", help="measure variants (bundle, artifact dirs, .gguf, ONNX dirs) on this machine; "
+                                           "--select gates them")
+    p_bench.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                         help="bundle, gguf/onnx/hf artifact dir, .gguf file, ONNX model dir, or a bench dir "
+                              "(reuses its report); the first measured variant is the agreement reference")
+    p_bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="profile.key=value",
+                         help="profile override (repeatable), e.g. --set profile.threads=4")
+    p_bench.add_argument("--eval", dest="eval_path", type=Path, help="eval JSONL or the run's data artifact dir")
+    p_bench.add_argument("--heldout", type=Path, help="held-out manual text (.txt) for perplexity")
+    p_bench.add_argument("--tokenizer", type=Path, help="dir with tokenizer.json (default: found beside the variants)")
+    p_bench.add_argument("--profile", help="device profile name (profiles/) or YAML path (default: the bundle's, "
+                                           "else x86-cpu)")
+    p_bench.add_argument("--out", type=Path, help="bench artifact dir for the report")
+    p_bench.add_argument("--samples", type=int, help="eval prompts measured (default: the profile's bench_samples)")
+    p_bench.add_argument("--repeats", type=int, help="timed runs per latency figure (default 5)")
+    p_bench.add_argument("--select", action="store_true",
+                         help="print the smallest variant within the profile's budgets; exit 2 naming the closest miss")
+    p_bench.add_argument("--reference-score", type=float,
+                         help="the tuned model's rouge_l when no 'tuned' record is at hand (device side)")
+    p_exp = sub.add_parser("export", help="build, bench and select a profile's variants into a deployable bundle")
+    p_exp.add_argument("--profile", required=True, help="device profile name (profiles/) or YAML path")
+    p_exp.add_argument("--from", dest="src", type=Path, default=Path("runs/demo"),
+                       help="run dir or tuned hf artifact dir (default: runs/demo)")
+    p_exp.add_argument("--data", type=Path, help="data artifact with the eval split and manual (default: RUN/data)")
+    p_exp.add_argument("--out", type=Path, help="bundle dir (default: dist/PROFILE)")
+    p_exp.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="profile.KEY=, export_gguf.KEY= or export_onnx.KEY= overrides")
+    p_ask = sub.add_parser("ask", help="answer a question with a bundle (verifies its checksums first)")
+    p_ask.add_argument("bundle", type=Path, help="the dist/PROFILE dir")
+    p_ask.add_argument("question", nargs="*", help="the question; none = interactive, one per line")
+    p_ask.add_argument("--retrieval", default="prompt", choices=("prompt", "cite", "off"),
+                       help="manual passage: into the prompt and cited (default), cited only, or off")
+    p_ask.add_argument("--max-new-tokens", type=int, help="answer length cap in tokens (default: the bundle's)")
+    p_ask.add_argument("--threads", type=int, help="CPU threads (default: the profile's)")
+    p_doc = sub.add_parser("doctor", help="runtimes, GPU, memory, and a smoke bench of a bundle")
+    p_doc.add_argument("bundle", type=Path, nargs="?", help="a bundle dir to verify and time")
+    p_doc.add_argument("--seconds", type=float, default=10.0, help="smoke bench duration (default 10)")
+    p_doc.add_argument("--threads", type=int, help="CPU threads for the smoke bench (default: the profile's)")
     args = parser.parse_args(argv)
     if not args.debug:
         _quiet()
     try:
         if args.cmd == "run":
             return _cmd_run(args)
+        if args.cmd == "bench":
+            return _cmd_bench(args)
+        if args.cmd in ("export", "ask", "doctor"):
+            return {"export": _cmd_export, "ask": _cmd_ask, "doctor": _cmd_doctor}[args.cmd](args)
         return _cmd_show(args)
     except EdgeftError as e:
         if args.debug:
@@ -89,6 +135,77 @@ def _cmd_show(args) -> int:
             if not isinstance(v, (dict, list)):
                 print(f"{pad}  input {k}: {v}")
         print(f"{pad}  metrics: " + ", ".join(f"{k}={v}" for k, v in list(metrics.items())[:8]))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from edgeft import profile
+    from edgeft.config import parse_overrides
+    from edgeft.export import export
+
+    overrides = parse_overrides(args.overrides)
+    stages = ("export_gguf", "export_onnx")
+    bad = [k for k in overrides if k.split(".", 1)[0] not in ("profile", *stages)]
+    if bad:
+        raise UserError(f"export: override '{bad[0]}' is neither profile.KEY nor {'.KEY nor '.join(stages)}.KEY")
+    prof = profile.load(args.profile, {k.split(".", 1)[1]: v for k, v in overrides.items()
+                                       if k.startswith("profile.")})
+    stage_params: dict = {}
+    for k, v in overrides.items():
+        if k.split(".", 1)[0] in stages:
+            stage_params.setdefault(k.split(".", 1)[0], {})[k.split(".", 1)[1]] = v
+    out = args.out or Path("dist") / prof.name
+    bundle = export(prof, args.src, out, data=args.data, stage_params=stage_params)
+    print(f"done: bundle {out} ({bundle.manifest['metrics']['variant']}); try: edgeft ask {out} \"...\"")
+    return 0
+
+
+def _cmd_ask(args) -> int:
+    from edgeft.device.ask import Asker, repl
+    from edgeft.device.bundle import open_bundle
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be >= 1")
+    asker = Asker(open_bundle(args.bundle), retrieval=args.retrieval, max_new_tokens=args.max_new_tokens,
+                  threads=args.threads)
+    try:
+        if args.question:
+            print(asker.ask(" ".join(args.question)).render())
+        else:
+            repl(asker)
+    finally:
+        asker.close()
+    return 0
+
+
+def _cmd_doctor(args) -> int:
+    from edgeft.device.doctor import report
+
+    if args.seconds <= 0 or (args.threads is not None and args.threads < 1):
+        raise UserError("doctor: --seconds must be > 0 and --threads >= 1")
+    return report(args.bundle, seconds=args.seconds, threads=args.threads)
+
+
+def _cmd_bench(args) -> int:
+    from edgeft.bench import command
+    from edgeft.bench.select import select
+    from edgeft.config import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    bad = [k for k in overrides if not k.startswith("profile.")]
+    if bad:
+        raise UserError(f"bench: --set {bad[0]}: only profile.key=value overrides apply here")
+    prof = command.load_profile(args.profile, args.paths, {k.split(".", 1)[1]: v for k, v in overrides.items()})
+    cfg = command.config_for(prof, samples=args.samples, repeats=args.repeats)
+    records = command.run(args.paths, prof, eval_path=args.eval_path, out=args.out, heldout=args.heldout,
+                          tokenizer=args.tokenizer, cfg=cfg)
+    if args.select:
+        pick = select(records, prof, reference=args.reference_score)
+        print(f"selected: {pick['name']} ({pick['format']} {pick['quant']}, {pick['size_bytes']} bytes): "
+              f"rouge_l {pick['rouge_l']} = {pick['accuracy_kept']:.1%} of tuned (budget {prof.accuracy_budget:.0%}), "
+              f"{pick['memory_mb']:.0f} MiB (budget {pick['memory_budget_mb']:.0f} MiB)")
     return 0
 
 

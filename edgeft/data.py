@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgeft import artifact
-from edgeft.constants import EMBEDDED, EVAL_FILE, KIND_DATA, MANUAL_FILE, TRAIN_FILE
+from edgeft.constants import EMBEDDED, EVAL_FILE, KIND_DATA, MANUAL_FILE, MANUAL_HELDOUT_FILE, TRAIN_FILE
 from edgeft.errors import UserError
 
 FORMATS = ("auto", "alpaca", "qa", "messages", "sharegpt", "text")
@@ -26,6 +27,7 @@ _REQUIRED = {"alpaca": ("instruction", "output"), "qa": ("question", "answer"),
              "messages": ("messages",), "sharegpt": ("conversations",), "text": ("text",)}
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+MAX_LINE_BYTES = 16 << 20  # one JSONL record; longer lines are refused, never read whole
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 
 
@@ -34,7 +36,8 @@ class Config:
     train: str = EMBEDDED  # JSONL (or .txt for raw text); 'embedded' = the built-in repair manual
     eval: str = EMBEDDED  # JSONL; 'embedded' with the built-in data; '' = split from train
     format: str = "auto"  # one of FORMATS; auto detects from the first record's keys
-    manual: str = ""  # optional raw manual text (.txt) kept for perplexity and retrieval
+    manual: str = ""  # optional manual text (.txt, or .json sections with title/text) for pretraining
+    manual_heldout: float = 0.05  # share of manual lines kept out of all training (perplexity), 0 = none
     eval_fraction: float = 0.1  # used when eval == '': share of distinct answers held out
     seed: int = 0  # split and embedded-generator seed
 
@@ -60,8 +63,15 @@ def run(src, cfg: Config, out: Path) -> artifact.Artifact:
                 _copy_manual(Path(cfg.manual), tmp / MANUAL_FILE)
         write_jsonl(tmp / TRAIN_FILE, train)
         write_jsonl(tmp / EVAL_FILE, evals)
+        held = 0
+        if cfg.manual_heldout > 0 and (tmp / MANUAL_FILE).is_file():
+            kept, held_text = hold_out_manual((tmp / MANUAL_FILE).read_text(), train + evals,
+                                              cfg.manual_heldout, cfg.seed)
+            (tmp / MANUAL_FILE).write_text(kept)
+            (tmp / MANUAL_HELDOUT_FILE).write_text(held_text)
+            held = len(held_text.splitlines())
         return {"train_records": len(train), "eval_records": len(evals),
-                "format": cfg.format if cfg.train != EMBEDDED else "qa"}
+                "format": cfg.format if cfg.train != EMBEDDED else "qa", "manual_heldout_lines": held}
 
     inputs = {}
     for key in ("train", "eval", "manual"):
@@ -90,8 +100,11 @@ def load_records(path: Path, fmt: str = "auto") -> list[dict]:
         return [{"text": _read_text(path)}]
     records, detected = [], None if fmt == "auto" else fmt
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
             where = f"{path}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise UserError(f"{where}: line longer than {MAX_LINE_BYTES >> 20} MB; split the record "
+                                "(long manual text belongs in data.manual as .txt)")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -179,20 +192,36 @@ def split_by_answer(records: list[dict], fraction: float, seed: int) -> tuple[li
 
 
 def encode_example(fmt, rec: dict, max_length: int) -> tuple[list[int], list[int]]:
-    """Ids and labels for one record: loss on assistant turns only (all tokens for raw text)."""
+    """Ids and labels for one record: loss on assistant turns only (all tokens for raw text).
+
+    Assistant spans are found in characters (the conversation rendered up to each turn), then mapped to
+    tokens through the tokenizer's offsets: a token that merges across a turn boundary still counts.
+    """
     if "text" in rec:
         ids = fmt.encode(rec["text"])[:max_length]
         return ids, list(ids)
     msgs = rec["messages"]
-    full = fmt.encode(fmt.render(msgs))
-    labels = [IGNORE_INDEX] * len(full)
+    text = fmt.render(msgs)
+    spans, cursor = [], 0
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(fmt.encode(fmt.render(msgs[:i], add_generation_prompt=True)))
-        end = len(fmt.encode(fmt.render(msgs[: i + 1])))
-        labels[start:end] = full[start:end]
-    return full[:max_length], labels[:max_length]
+        head, upto = fmt.render(msgs[:i], add_generation_prompt=True), fmt.render(msgs[: i + 1])
+        if text.startswith(head) and text.startswith(upto) and len(upto) > len(head):
+            spans.append((len(head), len(upto)))  # the turn with its end-of-turn marker (learns to stop)
+        else:  # a template that rewrites earlier turns: fall back to the content itself
+            start = text.find(m["content"], cursor)
+            if start < 0:
+                continue
+            spans.append((start, start + len(m["content"])))
+        cursor = spans[-1][1]
+    enc = fmt.tokenizer.encode(text, add_special_tokens=False)
+    ids, offsets = list(enc.ids), list(enc.offsets)
+    if fmt.add_bos and fmt.bos_id is not None and (not ids or ids[0] != fmt.bos_id):
+        ids, offsets = [fmt.bos_id] + ids, [(0, 0)] + offsets
+    labels = [t if e > s and any(s < b and e > a for a, b in spans) else IGNORE_INDEX
+              for t, (s, e) in zip(ids, offsets)]
+    return ids[:max_length], labels[:max_length]
 
 
 def chunk_text(fmt, text: str, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -226,8 +255,40 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: not valid UTF-8; re-encode the file as UTF-8") from None
 
 
+def hold_out_manual(text: str, records: list[dict], fraction: float, seed: int) -> tuple[str, str]:
+    """Move a share of the manual's lines out of it: only lines sharing no 8-word run with any QA record."""
+    def grams(s: str) -> set:
+        w = re.findall(r"\w+", s.lower())
+        return {tuple(w[i:i + 8]) for i in range(len(w) - 7)}
+
+    texts = [m["content"] for r in records for m in r.get("messages", ())] + [r["text"] for r in records if "text" in r]
+    seen = set().union(*map(grams, texts))
+    lines = text.splitlines()
+    counts = {}
+    for line in lines:
+        counts[line] = counts.get(line, 0) + 1
+    cands = [i for i, line in enumerate(lines) if counts[line] == 1 and (g := grams(line)) and not g & seen]
+    k = min(len(cands), max(1, round(fraction * sum(1 for line in lines if line.strip()))))
+    held = set(random.Random(seed).sample(cands, k))
+    return ("\n".join(x for i, x in enumerate(lines) if i not in held) + "\n",
+            "".join(lines[i] + "\n" for i in sorted(held)))
+
+
 def _copy_manual(src: Path, dst: Path) -> None:
     if not src.is_file():
         raise UserError(f"data.manual: file not found: {src}")
-    _read_text(src)
-    shutil.copyfile(src, dst)
+    if src.suffix != ".json":
+        _read_text(src)
+        shutil.copyfile(src, dst)
+        return
+    try:  # sections: {id: {"title", "text": str | [lines]}} or a list of them -> title line + body line
+        sections = json.loads(_read_text(src))
+        sections = list(sections.values()) if isinstance(sections, dict) else sections
+        out = []
+        for sec in sections:
+            body = sec["text"] if isinstance(sec["text"], str) else " ".join(sec["text"])
+            out.append((f"{sec['title']}\n" if sec.get("title") else "") + " ".join(body.split()) + "\n\n")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise UserError(f"data.manual: {src}: expected a JSON list or mapping of sections with 'text' "
+                        "(a string or a list of lines) and optional 'title'") from None
+    dst.write_text("".join(out))

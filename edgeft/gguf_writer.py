@@ -4,8 +4,10 @@ llama.cpp's convert_hf_to_gguf.py is not installable with the PyPI `gguf` (ENVIR
 module does the part we need. One table per architecture maps HF tensor names to GGUF tensors;
 metadata goes through the writer's add_* methods (the keys live in gguf.Keys); the tokenizer is
 translated by edgeft.gguf_vocab. The header and tensor infos are written first from the planned
-shapes and types, then the data streams tensor by tensor from memory-mapped safetensors, so peak
-memory stays near the largest tensor.
+shapes and types, then the data streams tensor by tensor: each is read from its safetensors file
+with plain reads at the offsets the file's header gives (no memory map, whose touched pages would
+stay in this process's resident set, and no torch), converted, written and dropped, so peak memory
+stays near the largest tensor (times the few copies a conversion makes).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class ArchSpec:
     tensors: dict[str, MODEL_TENSOR]  # HF name without .weight/.bias ({bid} = layer) -> GGUF tensor
     permute_qk: bool  # llama.cpp's llama rope is interleaved, HF's is rotate_half: permute q/k rows
     vocab: str  # "spm" (SentencePiece tokenizer.model) or "gpt2" (byte-level BPE tokenizer.json)
+    acts: tuple[str, ...] = ("silu",)  # HF hidden_act values llama.cpp's graph for this arch computes
+    norm_offset: float = 0.0  # added to RMSNorm weights (Gemma stores w and scales by 1 + w)
 
 
 _LLAMA_LIKE = {
@@ -61,7 +65,12 @@ _LLAMA_LIKE = {
 LLAMA = ArchSpec(MODEL_ARCH.LLAMA, _LLAMA_LIKE, permute_qk=True, vocab="spm")
 # Qwen2 has the same tensor names plus q/k/v biases; llama.cpp runs it with NEOX rope (no permutation)
 QWEN2 = ArchSpec(MODEL_ARCH.QWEN2, _LLAMA_LIKE, permute_qk=False, vocab="gpt2")
-ARCHITECTURES = {"LlamaForCausalLM": LLAMA, "MistralForCausalLM": LLAMA, "Qwen2ForCausalLM": QWEN2}
+# Gemma: always tied (no output tensor), NEOX rope, tanh-approximated GELU, embeddings scaled by
+# sqrt(hidden) inside llama.cpp's graph as in HF's, norm weights stored as w for a scale of 1 + w
+GEMMA = ArchSpec(MODEL_ARCH.GEMMA, {k: v for k, v in _LLAMA_LIKE.items() if k != "lm_head"}, permute_qk=False,
+                 vocab="spm", acts=("gelu_pytorch_tanh",), norm_offset=1.0)
+ARCHITECTURES = {"LlamaForCausalLM": LLAMA, "MistralForCausalLM": LLAMA, "Qwen2ForCausalLM": QWEN2,
+                 "GemmaForCausalLM": GEMMA}
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,7 @@ class _Planned:
     shape: tuple[int, ...]
     qtype: QType
     permute_heads: int  # 0 = no q/k permutation, else the head count to permute with
+    offset: float = 0.0  # added to the values (Gemma norms)
 
 
 def convert(hf_dir: Path, out_file: Path, out_type: str = "f16", name: str | None = None) -> dict:
@@ -82,9 +92,7 @@ def convert(hf_dir: Path, out_file: Path, out_type: str = "f16", name: str | Non
     if out_type not in OUT_TYPES:
         raise UserError(f"GGUF type {out_type!r} is not written by this converter; "
                         f"valid: {', '.join(OUT_TYPES)}")
-    config = _read_json(hf_dir / "config.json")
-    spec = _arch_spec(config, hf_dir)
-    hp = _hparams(config, hf_dir)
+    spec, hp, config = model_spec(hf_dir)
     locations = _tensor_locations(hf_dir)
     plan, fallbacks = _plan(spec, hp, locations, out_type)
     n_rows = next(p.shape[0] for p in plan if p.gguf_name.startswith(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]))
@@ -102,11 +110,11 @@ def convert(hf_dir: Path, out_file: Path, out_type: str = "f16", name: str | Non
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         with ExitStack() as stack:
-            handles: dict[Path, object] = {}
+            handles: dict[Path, _SafeTensors] = {}
             for p in plan:  # one tensor in memory at a time
                 if p.file not in handles:
-                    handles[p.file] = stack.enter_context(_safe_open(p.file))
-                writer.write_tensor_data(_encode(p, _read_f32(handles[p.file], p.hf_name)))
+                    handles[p.file] = stack.enter_context(_SafeTensors(p.file))
+                writer.write_tensor_data(_encode(p, handles[p.file].read_f32(p.hf_name)))
         writer.close()
         os.replace(tmp, out_file)
     except BaseException:
@@ -134,6 +142,27 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+def model_spec(hf_dir: Path) -> tuple[ArchSpec, dict, dict]:
+    """(architecture spec, checked hyperparameters, raw config) of a transformers model dir."""
+    config = _read_json(Path(hf_dir) / "config.json")
+    spec = _arch_spec(config, Path(hf_dir))
+    return spec, _hparams(config, Path(hf_dir), spec), config
+
+
+def gguf_tensor_name(spec: ArchSpec, hf_stem: str) -> str | None:
+    """GGUF name (without .weight) of HF module `hf_stem` (e.g. model.layers.3.mlp.up_proj), or None."""
+    return _gguf_name(hf_stem, {k: TENSOR_NAMES[t] for k, t in spec.tensors.items()})
+
+
+def qk_heads(spec: ArchSpec, hp: dict, hf_stem: str) -> int:
+    """Head count to permute the rows of `hf_stem` with (0: no permutation)."""
+    if spec.permute_qk and hf_stem.endswith(".q_proj"):
+        return hp["heads"]
+    if spec.permute_qk and hf_stem.endswith(".k_proj"):
+        return hp["kv_heads"]
+    return 0
+
+
 def _arch_spec(config: dict, hf_dir: Path) -> ArchSpec:
     archs = config.get("architectures") or []
     for a in archs:
@@ -143,16 +172,17 @@ def _arch_spec(config: dict, hf_dir: Path) -> ArchSpec:
                     f"GGUF writer; supported: {', '.join(ARCHITECTURES)}")
 
 
-def _hparams(config: dict, hf_dir: Path) -> dict:
+def _hparams(config: dict, hf_dir: Path, spec: ArchSpec) -> dict:
     """The hyperparameters llama.cpp needs, checked: a value we cannot express is an error."""
     def need(key: str):
         if config.get(key) is None:
             raise UserError(f"{hf_dir / 'config.json'}: missing {key!r}, needed for GGUF export")
         return config[key]
 
-    if config.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{hf_dir / 'config.json'}: hidden_act {config['hidden_act']!r}; llama.cpp's "
-                        "llama/qwen2 graphs use silu only")
+    act = config.get("hidden_activation") or config.get("hidden_act", "silu")
+    if act not in spec.acts:
+        raise UserError(f"{hf_dir / 'config.json'}: hidden_act {act!r}; llama.cpp's "
+                        f"{MODEL_ARCH_NAMES[spec.arch]} graph computes {' or '.join(spec.acts)} only")
     rope_scaling = config.get("rope_scaling")
     rtype = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
     if rope_scaling and rtype not in ("linear", "default"):
@@ -169,7 +199,7 @@ def _hparams(config: dict, hf_dir: Path) -> dict:
         "head_dim": config.get("head_dim") or hidden // heads,
         "rms_eps": need("rms_norm_eps"), "rope_theta": config.get("rope_theta", 10000.0),
         "rope_linear": rope_scaling.get("factor") if rope_scaling and rtype == "linear" else None,
-        "tied": bool(config.get("tie_word_embeddings", False)),
+        "tied": bool(config.get("tie_word_embeddings", spec.arch == MODEL_ARCH.GEMMA)),  # HF defaults
     }
 
 
@@ -214,7 +244,7 @@ def _tensor_locations(hf_dir: Path) -> dict[str, Path]:
         raise UserError(f"{hf_dir}: no *.safetensors weights found")
     out: dict[str, Path] = {}
     for f in files:
-        with _safe_open(f) as st:
+        with _SafeTensors(f) as st:
             for k in st.keys():
                 if k in out:
                     raise UserError(f"{hf_dir}: tensor {k} is in both {out[k].name} and {f.name}")
@@ -232,7 +262,7 @@ def _plan(spec: ArchSpec, hp: dict, locations: dict[str, Path], out_type: str) -
         templates[hf_stem] = TENSOR_NAMES[t]
     planned, fallbacks = [], {}
     with ExitStack() as stack:
-        handles: dict[Path, object] = {}
+        handles: dict[Path, _SafeTensors] = {}
         for hf_name in locations:
             if hf_name.endswith(_IGNORED):
                 continue
@@ -246,17 +276,14 @@ def _plan(spec: ArchSpec, hp: dict, locations: dict[str, Path], out_type: str) -
                                 "does not know")
             f = locations[hf_name]
             if f not in handles:
-                handles[f] = stack.enter_context(_safe_open(f))
-            shape = tuple(handles[f].get_slice(hf_name).get_shape())
-            heads = 0
-            if spec.permute_qk and stem.endswith(".q_proj"):
-                heads = hp["heads"]
-            elif spec.permute_qk and stem.endswith(".k_proj"):
-                heads = hp["kv_heads"]
+                handles[f] = stack.enter_context(_SafeTensors(f))
+            shape = handles[f].shape(hf_name)
+            heads = qk_heads(spec, hp, stem)
             qtype, why = _choose_type(shape, out_type)
             if why:
                 fallbacks[f"{gguf_name}.{suffix}"] = why
-            planned.append(_Planned(hf_name, f, f"{gguf_name}.{suffix}", shape, qtype, heads))
+            offset = spec.norm_offset if stem.endswith("norm") else 0.0
+            planned.append(_Planned(hf_name, f, f"{gguf_name}.{suffix}", shape, qtype, heads, offset))
     if not any(p.gguf_name.startswith(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]) for p in planned):
         raise UserError("model has no model.embed_tokens.weight tensor")
     planned.sort(key=_order)
@@ -294,6 +321,8 @@ def _choose_type(shape: tuple[int, ...], out_type: str) -> tuple[QType, str | No
 
 
 def _encode(p: _Planned, data: np.ndarray) -> np.ndarray:
+    if p.offset:
+        data = data + np.float32(p.offset)
     if p.permute_heads:
         data = permute_qk(data, p.permute_heads)
     if p.qtype == QType.F32:
@@ -307,17 +336,61 @@ def _encode(p: _Planned, data: np.ndarray) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), p.qtype)
 
 
-def _safe_open(path: Path):
-    from safetensors import safe_open
+class _SafeTensors:
+    """One safetensors file read with plain file reads: header once, then one tensor at a time."""
 
-    # "pt": numpy cannot hold bfloat16; tensors are turned into float32 numpy arrays one at a time
-    return safe_open(str(path), framework="pt")
+    _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "rb")
+        try:
+            n = int.from_bytes(self._f.read(8), "little")
+            if not 2 <= n <= 100 << 20:
+                raise ValueError(f"header length {n}")
+            self._header = json.loads(self._f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            self._f.close()
+            raise UserError(f"{self.path}: not a safetensors file ({e}); re-save the model with "
+                            "safe_serialization=True") from None
+        self._header.pop("__metadata__", None)
+        self._base = 8 + n
 
-def _read_f32(handle, name: str) -> np.ndarray:
-    import torch
+    def keys(self) -> list[str]:
+        """Tensor names in the file."""
+        return list(self._header)
 
-    return handle.get_tensor(name).to(torch.float32).numpy()
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor `name`."""
+        return tuple(self._header[name]["shape"])
+
+    def read_f32(self, name: str) -> np.ndarray:
+        """Tensor `name` as a new float32 array."""
+        info = self._header[name]
+        dtype = self._DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise UserError(f"{self.path}: tensor {name} has dtype {info['dtype']}; the GGUF writer reads "
+                            f"{', '.join(self._DTYPES)}")
+        start, end = info["data_offsets"]
+        out = np.empty(tuple(info["shape"]), dtype=dtype)
+        if out.nbytes != end - start:
+            raise UserError(f"{self.path}: tensor {name} holds {end - start} bytes, its shape needs {out.nbytes}")
+        self._f.seek(self._base + start)
+        if self._f.readinto(memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
+            raise UserError(f"{self.path}: truncated inside tensor {name}; the file is incomplete")
+        if dtype is np.uint16:  # bfloat16: the high half of a float32
+            return (out.astype(np.uint32) << 16).view(np.float32)
+        return out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        """Close the file."""
+        self._f.close()
+
+    def __enter__(self) -> _SafeTensors:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _read_json(path: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The chain, in order: data -> train -> merge -> export (GGUF, ONNX) -> bench.
+"""The chain, in order: data -> train -> merge -> [prune -> distill] -> export (GGUF, ONNX) -> bench.
 
 Each stage writes an artifact directory under the run dir, named after the stage so the flow reads
 from the folder names. A stage whose artifact id (parent, params, input hashes) already exists is
@@ -7,7 +7,6 @@ skipped, so rerunning a recipe only redoes what changed.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,14 @@ STAGES = {
     "data": "edgeft.data",
     "train": "edgeft.stages.train",
     "merge": "edgeft.stages.merge",
+    "prune": "edgeft.stages.prune",
+    "distill": "edgeft.stages.distill",
     "export_gguf": "edgeft.stages.export_gguf",
     "export_onnx": "edgeft.stages.export_onnx",
     "bench": "edgeft.stages.bench",
 }
-RECIPE_SECTIONS = {"data": "data", "train": "train", "merge": "merge", "bench": "bench"}  # section -> stage
+RECIPE_SECTIONS = {"data": "data", "train": "train", "merge": "merge", "prune": "prune", "distill": "distill",
+                   "bench": "bench"}  # section -> stage
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def export_configs(profile: Profile) -> dict:
     if profile.gguf:
         out["export_gguf"] = stage("export_gguf").Config(types=profile.gguf, threads=profile.threads)
     if profile.onnx:
-        out["export_onnx"] = stage("export_onnx").Config(types=profile.onnx)
+        out["export_onnx"] = stage("export_onnx").Config(types=profile.onnx, route=profile.onnx_route)
     return out
 
 
@@ -82,9 +84,14 @@ def run(recipe: dict, profile: Profile, out: Path) -> dict[str, artifact.Artifac
             validate(recipe[sec])
     for name, cfg in export_configs(profile).items():
         stage(name).validate(cfg)
+    dcfg = recipe["distill"]
+    if stage("distill").enabled(dcfg) and not stage("prune").enabled(recipe["prune"]) and not dcfg.student:
+        raise UserError("distill: no student; set prune.ratio (distill the pruned model) or distill.student=DIR")
+    if dcfg.student:
+        hf_io.resolve_model(dcfg.student)  # a missing student fails before anything is written
     base_cfg: Base = recipe["base"]
     embedded = base_cfg.model == EMBEDDED
-    base_src = None if embedded else hf_io.resolve_model(base_cfg.model)  # fail before writing anything
+    base_src = None if embedded else hf_io.resolve_model(base_cfg.model, base_cfg.trust_remote_code)  # fail early
     if recipe["data"].train == EMBEDDED and not embedded:
         raise UserError("data.train: the embedded data is made for the embedded base; pass data.train=PATH "
                         "with base.model")
@@ -104,16 +111,33 @@ def _run(recipe: dict, profile: Profile, out: Path, base_src) -> dict[str, artif
         from edgeft.demo import base as embedded_base
 
         base_src = embedded_base.ensure(arts["data"], embedded_base.Config(steps=recipe["base"].pretrain_steps))
-    tuned = arts["train"] = stage("train").run(base_src, recipe["train"], out / "train", data=arts["data"])
+    tuned = arts["train"] = stage("train").run(base_src, recipe["train"], out / "train", data=arts["data"],
+                                                trust_remote_code=recipe["base"].trust_remote_code)
     if tuned.kind == KIND_ADAPTER:
         tuned = arts["merge"] = stage("merge").run(tuned, recipe["merge"], out / "merge")
-    exports = []
+    shrunk = _shrink(recipe, out, tuned, arts)
+    exports = [arts[s] for s in ("prune", "distill") if s in arts]  # benched in torch beside the tuned model
     for name, cfg in export_configs(profile).items():
         arts[name] = stage(name).run(tuned, cfg, out / name.split("_", 1)[1])
         exports.append(arts[name])
-    bench_cfg = dataclasses.replace(recipe["bench"], threads=profile.threads,
-                                    max_samples=recipe["bench"].max_samples or profile.bench_samples)
+        if shrunk is not None:  # e.g. runs/x/gguf-distill: the shrunk model in every export format too
+            key = f"{name}_{shrunk.stage}"
+            arts[key] = stage(name).run(shrunk, cfg, out / f"{name.split('_', 1)[1]}-{shrunk.stage}")
+            exports.append(arts[key])
+    bench_cfg = stage("bench").for_profile(recipe["bench"], profile)
     base_path = base_src.path if isinstance(base_src, artifact.Artifact) else base_src
     arts["bench"] = stage("bench").run(tuned, bench_cfg, out / "bench", data=arts["data"], base=base_path,
                                        exports=exports)
     return arts
+
+
+def _shrink(recipe: dict, out: Path, tuned: artifact.Artifact, arts: dict) -> artifact.Artifact | None:
+    """merge -> prune -> distill when the recipe turns them on; the shrunk model, or None."""
+    prune, distill = stage("prune"), stage("distill")
+    shrunk = None
+    if prune.enabled(recipe["prune"]):
+        shrunk = arts["prune"] = prune.run(tuned, recipe["prune"], out / "prune", data=arts["data"])
+    if distill.enabled(recipe["distill"]):
+        shrunk = arts["distill"] = distill.run(shrunk, recipe["distill"], out / "distill", data=arts["data"],
+                                               teacher=tuned)
+    return shrunk

@@ -1,4 +1,10 @@
-"""Device profiles: what a target can hold and run, loaded from profiles/NAME.yaml or a path."""
+"""Device profiles: what a target can hold and run, loaded from profiles/NAME.yaml or a path.
+
+A profile names the device's memory and the share the model may use, its memory bandwidth (decode
+on a small device is bandwidth-bound: it bounds tokens/s), the runtimes and execution provider that
+actually install there, the formats to build and the quant ladder (best first) that the pre-flight
+steps down when a variant does not fit, the context length to serve, and the accuracy budget.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,13 @@ from edgeft.config import from_dict, load_yaml
 from edgeft.errors import UserError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+FORMATS = ("gguf", "onnx")  # ladder entries are FORMAT:QUANT
+ONNX_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+                  "XnnpackExecutionProvider", "NnapiExecutionProvider", "QNNExecutionProvider",
+                  "CoreMLExecutionProvider")
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+ACCELERATORS = ("cpu", "cuda")
+KV_CACHE_TYPES = ("f16", "f32")  # what edgeft.runtime.gguf offers
 
 
 @dataclass(frozen=True)
@@ -23,9 +36,15 @@ class Profile:
     gguf: tuple[str, ...] = ("f16", "q8_0", "q4_k_m")  # GGUF types to build (empty = none)
     onnx: tuple[str, ...] = ("fp32", "int8")  # ONNX types to build (empty = none)
     onnx_provider: str = "CPUExecutionProvider"  # onnxruntime execution provider on the device
+    onnx_route: str = "optimum"  # ONNX export route: optimum (broad) | genai (onnxruntime-genai builder, CPU/x86)
     n_gpu_layers: int = 0  # llama.cpp layers offloaded to the GPU (-1 = all)
-    accuracy_budget: float = 0.95  # a variant must keep this share of the tuned model's rouge_l
+    accuracy_budget: float = 0.95  # a variant must keep this share of the tuned model's rouge_l (0 = no gate)
     bench_samples: int = 120  # eval prompts measured per variant (0 = all)
+    ladder: tuple[str, ...] = ()  # FORMAT:QUANT best first, exactly the built types; empty = by bits, widest first
+    accelerator: str = "cpu"  # cpu | cuda: GPU offload and GPU execution providers need cuda
+    kv_cache_type: str = "f16"  # llama.cpp KV cache precision on the device (pre-flight bytes per value)
+    runtime_overhead_gb: float = 0.25  # runtime code, compute buffers (+ CUDA context on a GPU), GiB
+    install: str = "pip install 'edgeft[device]'"  # how the device runtimes install there (bundle README)
 
 
 def resolve(name_or_path: str) -> Path:
@@ -37,20 +56,91 @@ def resolve(name_or_path: str) -> Path:
         return p
     cand = PROFILES_DIR / f"{name_or_path}.yaml"
     if not cand.is_file():
-        names = sorted(x.stem for x in PROFILES_DIR.glob("*.yaml"))
-        raise UserError(f"--profile: unknown profile '{name_or_path}'; choose one of {', '.join(names)} "
+        raise UserError(f"--profile: unknown profile '{name_or_path}'; choose one of {', '.join(names())} "
                         "or pass a YAML path")
     return cand
+
+
+def names() -> list[str]:
+    """The profiles shipped in profiles/."""
+    return sorted(x.stem for x in PROFILES_DIR.glob("*.yaml"))
 
 
 def load(name_or_path: str, overrides: dict | None = None) -> Profile:
     """Parse and validate a profile; `overrides` are `key: value` strings from the command line."""
     path = resolve(name_or_path)
     raw = load_yaml(path)
-    raw.update(overrides or {})
+    overrides = dict(overrides or {})
+    if ("gguf" in overrides or "onnx" in overrides) and "ladder" not in overrides:
+        overrides["ladder"] = ()  # new types without a new ladder: order them by bits, widest first
+    raw.update(overrides)
     prof = from_dict(Profile, raw, str(path))
-    if prof.memory_budget_gb > prof.memory_gb:
-        raise UserError(f"{path}: memory_budget_gb {prof.memory_budget_gb} exceeds memory_gb {prof.memory_gb}")
-    if prof.threads < 1:
-        raise UserError(f"{path}: threads must be >= 1")
+    validate(prof, str(path))
     return prof
+
+
+def validate(prof: Profile, where: str = "profile") -> None:
+    """Refuse values no device can have, with the key and the fix in one line."""
+    def bad(key: str, why: str) -> UserError:
+        return UserError(f"{where}: {key}={getattr(prof, key)!r}: {why}")
+
+    for key in ("memory_gb", "memory_budget_gb", "bandwidth_gbs"):
+        if not getattr(prof, key) > 0:
+            raise bad(key, "must be > 0")
+    if prof.memory_budget_gb > prof.memory_gb:
+        raise bad("memory_budget_gb", f"exceeds memory_gb {prof.memory_gb}")
+    if not 0 <= prof.runtime_overhead_gb < prof.memory_budget_gb:
+        raise bad("runtime_overhead_gb", f"must be >= 0 and below memory_budget_gb {prof.memory_budget_gb}")
+    if prof.threads < 1:
+        raise bad("threads", "must be >= 1")
+    if prof.context_length < 16:
+        raise bad("context_length", "must be >= 16 tokens")
+    if not 0 <= prof.accuracy_budget <= 1:
+        raise bad("accuracy_budget", "is a share of the tuned model's rouge_l: use a value in [0, 1], e.g. 0.95")
+    if prof.bench_samples < 0:
+        raise bad("bench_samples", "must be >= 0 (0 = every eval prompt)")
+    if prof.n_gpu_layers < -1:
+        raise bad("n_gpu_layers", "must be -1 (all), 0 (CPU) or a layer count")
+    if prof.accelerator not in ACCELERATORS:
+        raise bad("accelerator", f"use one of {', '.join(ACCELERATORS)}")
+    if prof.onnx_route not in ("optimum", "genai"):
+        raise bad("onnx_route", "use optimum or genai")
+    if prof.onnx_provider not in ONNX_PROVIDERS:
+        raise bad("onnx_provider", f"use one of {', '.join(ONNX_PROVIDERS)}")
+    if prof.accelerator == "cpu" and (prof.n_gpu_layers != 0 or prof.onnx_provider in GPU_PROVIDERS):
+        key = "n_gpu_layers" if prof.n_gpu_layers != 0 else "onnx_provider"
+        raise bad(key, "needs a GPU: set accelerator: cuda, or n_gpu_layers: 0 and "
+                       "onnx_provider: CPUExecutionProvider")
+    if prof.kv_cache_type not in KV_CACHE_TYPES:
+        raise bad("kv_cache_type", f"use one of {', '.join(KV_CACHE_TYPES)}")
+    for key in FORMATS:
+        types = getattr(prof, key)
+        if len(set(types)) != len(types):
+            raise bad(key, "lists a type twice")
+    if not prof.gguf and not prof.onnx:
+        raise bad("gguf", "nothing to build: list GGUF or ONNX types")
+    built = {f"gguf:{t}" for t in prof.gguf} | {f"onnx:{t}" for t in prof.onnx}
+    if prof.ladder:
+        malformed = [e for e in prof.ladder if e.partition(":")[0] not in FORMATS or not e.partition(":")[2]]
+        if malformed:
+            raise bad("ladder", f"entries are FORMAT:QUANT with FORMAT in {', '.join(FORMATS)}, "
+                                f"e.g. gguf:q4_k_m; got {malformed[0]!r}")
+        if len(set(prof.ladder)) != len(prof.ladder):
+            raise bad("ladder", "lists a variant twice")
+        extra, missing = sorted(set(prof.ladder) - built), sorted(built - set(prof.ladder))
+        if extra or missing:
+            raise bad("ladder", f"must list exactly the built types (gguf, onnx): "
+                                f"{'not built: ' + ', '.join(extra) if extra else ''}"
+                                f"{'; ' if extra and missing else ''}"
+                                f"{'missing: ' + ', '.join(missing) if missing else ''}; "
+                                "fix the list or set ladder: [] to order by bits")
+
+
+def ladder(prof: Profile) -> tuple[str, ...]:
+    """The profile's variants as FORMAT:QUANT, best first (its ladder, or widest bits first)."""
+    if prof.ladder:
+        return tuple(prof.ladder)
+    from edgeft.preflight import bits_per_weight
+
+    entries = [f"gguf:{t}" for t in prof.gguf] + [f"onnx:{t}" for t in prof.onnx]
+    return tuple(sorted(entries, key=lambda e: -bits_per_weight(e)))

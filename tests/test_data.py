@@ -98,3 +98,47 @@ def test_data_stage_builds_artifact(tmp_path, tiny_qa_jsonl):
     art = data.run(None, data.Config(train=str(tiny_qa_jsonl), eval="", eval_fraction=0.25), tmp_path / "d")
     assert art.kind == "data" and art.metrics["eval_records"] > 0
     assert art.manifest["inputs"]["train_sha256"]
+
+
+def test_sharegpt_multi_turn_learns_every_assistant_turn_and_nothing_else(tmp_path, tiny_tokenizer_dir):
+    row = {"conversations": [{"from": "system", "value": "Be brief."},
+                             {"from": "human", "value": "What is E101?"}, {"from": "gpt", "value": "Low oil pressure."},
+                             {"from": "human", "value": "And the remedy?"},
+                             {"from": "gpt", "value": "Replace the oil filter."}]}
+    rec = data.load_records(_jsonl(tmp_path, [row]))[0]
+    fmt = PromptFormatter(tiny_tokenizer_dir)
+    ids, labels = data.encode_example(fmt, rec, 512)
+    assert ids == fmt.encode(fmt.render(rec["messages"]))
+    learned = [t for t, l in zip(ids, labels) if l != data.IGNORE_INDEX]
+    assert [l for l in labels if l != data.IGNORE_INDEX] == learned  # labels are the ids themselves
+    assert learned.count(fmt.eos_id) == 2  # both turns learn to stop
+    assert fmt.decode(learned).split() == "Low oil pressure. Replace the oil filter.".split()
+    prompt_text = fmt.decode([t for t, l in zip(ids, labels) if l == data.IGNORE_INDEX])
+    assert "Be brief." in prompt_text and "E101" in prompt_text and "remedy" in prompt_text
+
+
+def test_answer_token_merged_across_the_turn_boundary_is_learned(tmp_path, tiny_tokenizer_dir):
+    """A template whose generation prompt ends in a space: SentencePiece merges it into the answer's first token."""
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, tok)
+    (tok / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'user' %}Question: {{ m['content'] }}\n"
+        "{% else %}Answer: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}Answer: {% endif %}")
+    fmt = PromptFormatter(tok)
+    msgs = [{"role": "user", "content": "What is E101?"}, {"role": "assistant", "content": "Replace the filter."}]
+    ids, labels = data.encode_example(fmt, {"messages": msgs}, 512)
+    head = fmt.encode(fmt.render(msgs[:1], add_generation_prompt=True))
+    assert ids[:len(head)] != head  # the boundary token really merged
+    learned = fmt.decode([t for t, l in zip(ids, labels) if l != data.IGNORE_INDEX])
+    assert learned.strip() == "Replace the filter."
+
+
+def test_truncation_keeps_labels_aligned(tiny_tokenizer_dir):
+    fmt = PromptFormatter(tiny_tokenizer_dir)
+    rec = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A long answer " * 20}]}
+    ids, labels = data.encode_example(fmt, rec, 16)
+    full_ids, full_labels = data.encode_example(fmt, rec, 10_000)
+    assert len(ids) == len(labels) == 16 and ids == full_ids[:16] and labels == full_labels[:16]

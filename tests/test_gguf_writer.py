@@ -326,3 +326,51 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy2(f, dst / f.name)
+
+
+def test_gemma_round_trip_under_llama_cpp(tiny_tokenizer_dir, tmp_path):
+    """Gemma: norms stored as w (scale 1 + w), sqrt(hidden)-scaled embeddings, tanh GELU, tied head."""
+    import torch
+    from transformers import AutoTokenizer, GemmaConfig, GemmaForCausalLM
+
+    from edgeft.runtime.gguf import GGUFRuntime
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    cfg = GemmaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=640, num_hidden_layers=2,
+                      num_attention_heads=N_HEADS, num_key_value_heads=N_KV, head_dim=64,
+                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      hidden_activation="gelu_pytorch_tanh")
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.08 if p.dim() == 2 else 0.3)  # norms away from 0, so the +1 offset matters
+    model.save_pretrained(tmp_path / "gemma", safe_serialization=True)
+    _copy_tokenizer(tiny_tokenizer_dir, tmp_path / "gemma")
+    out = tmp_path / "g.gguf"
+    info = gguf_writer.convert(tmp_path / "gemma", out, "f32")
+    assert info["arch"] == "gemma"
+    names = {t.name for t in GGUFReader(out).tensors}
+    assert "output.weight" not in names and "blk.1.ffn_norm.weight" in names
+    model.eval()
+    ids = tok("Check the torque of the pump").input_ids
+    with GGUFRuntime(out, n_threads=1, kv_type="f32") as rt:
+        got = rt.generate(ids, 12).tokens
+        with torch.no_grad():
+            ref = model(torch.tensor([ids + got])).logits[0].numpy()
+        # 1e-3, not 1e-4 as for llama/qwen2: ggml's CPU GELU reads an fp16 lookup table (seen: 2.4e-4)
+        assert np.abs(rt.logits(ids + got) - ref).max() / np.abs(ref).max() < 1e-3
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert got == want[:len(got)]
+
+
+def test_phi3_is_refused_naming_the_supported_architectures(tiny_llama_dir, tmp_path):
+    model_dir = tmp_path / "phi3"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["Phi3ForCausalLM"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"\['Phi3ForCausalLM'\].*supported: LlamaForCausalLM, MistralForCausalLM, "
+                                        r"Qwen2ForCausalLM, GemmaForCausalLM"):
+        gguf_writer.convert(model_dir, tmp_path / "m.gguf")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeft.constants import REPORT_FIELDS
+from edgeft.constants import REPORT_FIELDS, REPORT_PLOTS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,6 +41,11 @@ def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
     assert by["onnx-fp32"]["top1_agreement"] >= 0.99 and by["gguf-f16"]["top1_agreement"] >= 0.95
     assert by["gguf-q4_k_m"]["peak_rss_mb"] < by["tuned"]["peak_rss_mb"]  # each variant measured alone
     assert (out / "bench" / "report.md").read_text().startswith("| name |")
+    # held-out manual text scored by every runtime; latency and the bandwidth prediction for every variant
+    assert all(r["perplexity"] and r["perplexity"] > 1 and r["predicted_decode_tok_s"] > 0 for r in records)
+    assert by["gguf-f16"]["perplexity"] == pytest.approx(by["tuned"]["perplexity"], rel=0.02)
+    assert all(r["decode_tok_s_llama"] > 0 for r in records if r["format"] == "gguf")
+    assert all((out / "bench" / p).read_bytes().startswith(b"\x89PNG") for p in REPORT_PLOTS)
     assert (out / "bench" / "report.csv").read_text().splitlines()[0].startswith("name,format,quant")
 
     t0 = time.time()

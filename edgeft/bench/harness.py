@@ -14,7 +14,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeft.errors import StageFailure
+from edgeft.bench.latency import prompt_lengths
+from edgeft.errors import StageFailure, UserError
 from edgeft.runtime.prompt import PromptFormatter
 
 
@@ -23,8 +24,18 @@ class Config:
     max_samples: int = 120  # eval prompts measured (0 = all); spread over the split deterministically
     max_new_tokens: int = 48  # generation cap per prompt
     threads: int = 2  # runtime threads (the profile's)
-    n_ctx: int = 512  # runtime context, tokens
-    warmup: int = 1  # generations before timing
+    n_ctx: int = 512  # runtime context, tokens (the profile's context_length, capped at the model's)
+    warmup: int = 1  # untimed runs before the timed ones
+    repeats: int = 5  # timed runs per latency figure; medians and spread reported
+    prompt_lengths: tuple[int, ...] = ()  # prefill lengths timed, tokens; empty = n_ctx/8 and n_ctx/2
+    decode_tokens: int = 64  # tokens per timed decode run (EOS ignored so every run does equal work)
+    ppl_tokens: int = 4096  # held-out manual tokens scored for perplexity (0 = skip)
+    bandwidth_gbs: float = 36.0  # device memory bandwidth for the predicted decode rate, GB/s (profile's)
+    n_gpu_layers: int = 0  # llama.cpp layers offloaded (profile's)
+    onnx_provider: str = "CPUExecutionProvider"  # onnxruntime execution provider (profile's)
+    kv_cache_type: str = "f16"  # llama.cpp KV cache precision, f16 | f32 (profile's)
+    accuracy_budget: float = 0.95  # share of the tuned model's rouge_l a selected variant keeps (profile's)
+    memory_budget_gb: float = 8.0  # memory a selected variant may use, GiB (profile's)
 
 
 @dataclass(frozen=True)
@@ -38,11 +49,11 @@ class Variant:
 
 
 def run_bench(variants: list[Variant], eval_records: list[dict], tokenizer_dir: Path, cfg: Config,
-              work: Path) -> list[dict]:
+              work: Path, heldout_text: str = "") -> list[dict]:
     """Measure `variants` (the first is the reference) and return one record each."""
     work.mkdir(parents=True, exist_ok=True)
     samples_path = work / "samples.json"
-    samples_path.write_text(json.dumps(build_samples(eval_records, tokenizer_dir, cfg)))
+    samples_path.write_text(json.dumps(build_samples(eval_records, tokenizer_dir, cfg, heldout_text)))
     ref_path = work / "reference.npz"
     records = []
     for i, v in enumerate(variants):
@@ -58,18 +69,47 @@ def run_bench(variants: list[Variant], eval_records: list[dict], tokenizer_dir: 
     return records
 
 
-def build_samples(eval_records: list[dict], tokenizer_dir: Path, cfg: Config) -> dict:
-    """Prompt ids, full ids and the answer span of each measured eval record."""
+def build_samples(eval_records: list[dict], tokenizer_dir: Path, cfg: Config, heldout_text: str = "") -> dict:
+    """Prompt ids, full ids and answer span of each measured eval record; timing lengths; perplexity ids."""
     fmt = PromptFormatter(tokenizer_dir)
+    n_ctx = min(cfg.n_ctx, model_context(tokenizer_dir) or cfg.n_ctx)
     recs = [r for r in eval_records if "messages" in r and r["messages"][-1]["role"] == "assistant"]
+    if not recs:
+        raise UserError("bench: the eval set has no record ending in an assistant answer; nothing to score")
     if cfg.max_samples and len(recs) > cfg.max_samples:
         step = len(recs) / cfg.max_samples
         recs = [recs[int(i * step)] for i in range(cfg.max_samples)]
     items = []
     for r in recs:
         msgs = r["messages"]
-        prompt = fmt.prompt_ids(msgs[:-1])
-        full = fmt.encode(fmt.render(msgs))[: cfg.n_ctx]
+        prompt = fmt.prompt_ids(msgs[:-1])[: n_ctx - cfg.max_new_tokens]
+        full = fmt.encode(fmt.render(msgs))[:n_ctx]
         items.append({"prompt_ids": prompt, "full_ids": full, "answer_span": [len(prompt), len(full)],
                       "answer": msgs[-1]["content"], "key": r.get("key")})
-    return {"config": asdict(cfg), "tokenizer_dir": str(tokenizer_dir), "items": items}
+    config = {**asdict(cfg), "n_ctx": n_ctx}
+    return {"config": config, "tokenizer_dir": str(tokenizer_dir), "items": items, "bos_id": fmt.bos_id,
+            "prompt_lengths": prompt_lengths(cfg.prompt_lengths, n_ctx, cfg.decode_tokens),
+            "ppl_items": perplexity_items(fmt, heldout_text, n_ctx, cfg.ppl_tokens)}
+
+
+def perplexity_items(fmt: PromptFormatter, text: str, n_ctx: int, budget: int) -> list[list[int]]:
+    """Held-out text as id windows of at most n_ctx (each paragraph from BOS), `budget` tokens in all."""
+    out, used = [], 0
+    for para in (p.strip() for p in text.splitlines()):
+        if not para or used >= budget:
+            continue
+        ids = fmt.encode(para)
+        for i in range(0, len(ids), n_ctx):
+            win = ids[i:i + n_ctx][: budget - used + 1]
+            if len(win) > 1:
+                out.append(win)
+                used += len(win) - 1
+    return out
+
+
+def model_context(model_dir: Path) -> int | None:
+    """max_position_embeddings from the model's config.json, when it has one."""
+    p = Path(model_dir) / "config.json"
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text()).get("max_position_embeddings")

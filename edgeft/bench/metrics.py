@@ -67,3 +67,9 @@ def kl_divergence(ref_logp: np.ndarray, logits: np.ndarray) -> float:
     """Mean KL(ref || variant) over positions, nats."""
     q = log_softmax(logits)
     return float((np.exp(ref_logp) * (ref_logp - q)).sum(axis=-1).mean())
+
+
+def token_nll(logits: np.ndarray, ids: list[int]) -> np.ndarray:
+    """Negative log-likelihood (nats) of ids[1:] under teacher-forced logits [len(ids), vocab]."""
+    logp = log_softmax(logits[:-1])
+    return -logp[np.arange(len(ids) - 1), np.asarray(ids[1:])]

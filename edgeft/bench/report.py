@@ -1,4 +1,4 @@
-"""Write bench records as report.json, report.csv and report.md, and render the markdown table."""
+"""Write bench records as report.json, report.csv, report.md and the two Pareto plots."""
 
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ from pathlib import Path
 
 from edgeft.constants import REPORT_CSV, REPORT_FIELDS, REPORT_JSON, REPORT_MD
 
-EXTRA_FIELDS = ("load_s", "key_fact", "kld", "greedy_match")
+# Flat extras worth a column when present; nested ones (latency, spreads) stay in report.json.
+EXTRA_FIELDS = ("key_fact", "greedy_match", "decode_tok_s_llama", "decode_vs_llama", "bytes_per_token",
+                "predicted_footprint_mb")
 
 
 def columns(records: list[dict]) -> list[str]:
-    """Report fields first, then the extra ones present."""
+    """Report fields first, then the flat extra ones present."""
     return list(REPORT_FIELDS) + [f for f in EXTRA_FIELDS if any(f in r for r in records)]
 
 
-def write(records: list[dict], out: Path) -> str:
-    """Write the three report files into `out`; returns the markdown table."""
+def write(records: list[dict], out: Path, selection: str = "", notes: list[str] = ()) -> str:
+    """Write the report files into `out`; returns the markdown table (what the CLI prints)."""
     cols = columns(records)
     (out / REPORT_JSON).write_text(json.dumps(records, indent=2) + "\n")
     buf = io.StringIO()
@@ -27,8 +29,17 @@ def write(records: list[dict], out: Path) -> str:
     w.writerows(records)
     (out / REPORT_CSV).write_text(buf.getvalue())
     md = markdown(records, cols)
-    (out / REPORT_MD).write_text(md)
-    return md
+    parts = [md]
+    if selection:
+        parts.append(f"\n{selection}\n")
+    parts.append("\n" + spread_table(records))
+    plots = _plots(records, out)
+    if plots:
+        parts.append("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+    for n in list(notes) + llama_agreement(records):
+        parts.append(f"\n{n}\n")
+    (out / REPORT_MD).write_text("".join(parts))
+    return md + (f"\n{selection}\n" if selection else "")
 
 
 def markdown(records: list[dict], cols: list[str] | None = None) -> str:
@@ -38,6 +49,46 @@ def markdown(records: list[dict], cols: list[str] | None = None) -> str:
     for r in records:
         lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def spread_table(records: list[dict]) -> str:
+    """Latency per prompt length: median [q1, q3] over the timed repeats."""
+    lines = ["Latency, median [q1, q3] over repeats after warm-up:", "",
+             "| name | prompt tokens | ttft_ms | prefill_tok_s | decode_tok_s (min-max) |", "|---|---|---|---|---|"]
+    for r in records:
+        lat = r.get("latency") or {}
+        dec = lat.get("decode_tok_s")
+        for i, (n, row) in enumerate((lat.get("lengths") or {}).items()):
+            d = f"{_s(dec)} ({_cell(dec['min'])}-{_cell(dec['max'])})" if dec and i == 0 else ""
+            lines.append(f"| {r['name']} | {n} | {_s(row['ttft_ms'])} | {_s(row['prefill_tok_s'])} | {d} |")
+    return "\n".join(lines) + "\n"
+
+
+def llama_agreement(records: list[dict], tolerance: float = 0.05) -> list[str]:
+    """One line on how our GGUF decode figures compare with llama.cpp's own counters (llama_perf_context)."""
+    pairs = [(r["name"], r["decode_vs_llama"]) for r in records if r.get("decode_vs_llama")]
+    if not pairs:
+        return []
+    off = [f"{n} {v:.3f}" for n, v in pairs if abs(v - 1) > tolerance]
+    head = (f"GGUF decode tok/s vs llama.cpp's own timings (ours / llama_perf_context): "
+            + ", ".join(f"{n} {v:.3f}" for n, v in pairs) + ".")
+    if not off:
+        return [head + f" All within {tolerance:.0%}."]
+    return [head + f" Outside {tolerance:.0%}: {', '.join(off)} (ours is wall time per token including the "
+            "Python loop and logits copy; llama.cpp counts only inside llama_decode, which dominates less on "
+            "tiny models)."]
+
+
+def _s(d: dict) -> str:
+    return f"{_cell(d['median'])} [{_cell(d['q1'])}, {_cell(d['q3'])}]"
+
+
+def _plots(records: list[dict], out: Path) -> list[Path]:
+    try:
+        from edgeft.bench import plots
+    except ImportError:  # matplotlib is a host package; a device bench writes the tables alone
+        return []
+    return plots.write(records, out)
 
 
 def _cell(v) -> str:

@@ -8,70 +8,91 @@ from __future__ import annotations
 
 import json
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from edgeft.bench import footprint
+from edgeft.bench import latency as L
 from edgeft.bench import metrics as M
 
 
-def open_runtime(variant: dict, threads: int, n_ctx: int):
+def open_runtime(variant: dict, cfg: dict):
     """The runtime for a variant's format."""
-    fmt, path = variant["format"], variant["path"]
+    fmt, path, threads = variant["format"], variant["path"], cfg["threads"]
     if fmt == "torch":
         from edgeft.runtime.hf import HFRuntime
         return HFRuntime(path, n_threads=threads)
     if fmt == "gguf":
         from edgeft.runtime.gguf import GGUFRuntime
-        return GGUFRuntime(path, n_threads=threads, n_ctx=n_ctx)
+        return GGUFRuntime(path, n_threads=threads, n_ctx=cfg["n_ctx"], n_gpu_layers=cfg.get("n_gpu_layers", 0),
+                           kv_type=cfg.get("kv_cache_type", "f16"))
     if fmt == "onnx":
         from edgeft.runtime.onnx import OnnxRuntime
-        return OnnxRuntime(path, n_threads=threads)
+        return OnnxRuntime(path, n_threads=threads, provider=cfg.get("onnx_provider", "CPUExecutionProvider"))
     raise ValueError(f"unknown variant format {fmt!r}")
 
 
 def measure(variant: dict, samples: dict, ref_path: Path, save_ref: bool) -> dict:
-    """Generate on every sample, score it, and compare teacher-forced logits with the reference."""
+    """Latency, then generation on every sample, perplexity, and teacher-forced agreement with the reference."""
     cfg = samples["config"]
     t0 = time.perf_counter()
-    rt = open_runtime(variant, cfg["threads"], cfg["n_ctx"])
+    rt = open_runtime(variant, cfg)
     load_s = time.perf_counter() - t0
     items = samples["items"]
-    for _ in range(cfg["warmup"]):
-        rt.generate(items[0]["prompt_ids"], 4)
-    ttft, dec_tok, dec_s, scores, gens = [], 0, 0.0, {k: [] for k in ("em", "f1", "rl", "kf")}, []
+    lat = L.measure(rt, [it["prompt_ids"] for it in items], samples["prompt_lengths"], cfg["decode_tokens"],
+                    cfg["warmup"], cfg["repeats"], samples.get("bos_id"))
+    scores, gens = {k: [] for k in ("em", "f1", "rl", "kf")}, []
     for it in items:
         g = rt.generate(it["prompt_ids"], cfg["max_new_tokens"])
         text = samples_decode(samples, g.tokens)
         gens.append(g.tokens)
-        ttft.append(g.ttft_s)
-        dec_tok += max(len(g.tokens) - 1, 0)
-        dec_s += g.decode_s
         scores["em"].append(M.exact_match(text, it["answer"]))
         scores["f1"].append(M.token_f1(text, it["answer"]))
         scores["rl"].append(M.rouge_l(text, it["answer"]))
         if it.get("key"):
             scores["kf"].append(M.key_fact(text, it["key"]))
+    rss_mb = peak_rss_mb()  # load + latency + generation: what serving needs (the logit checks below hold more)
     top1, logps = [], []
     for it in items:
         s, e = it["answer_span"]
         lg = rt.logits(it["full_ids"])[s - 1:e - 1]
         top1.append(lg.argmax(-1))
         logps.append(M.log_softmax(lg).astype(np.float32))
+    nll = [M.token_nll(rt.logits(ids), ids) for ids in samples.get("ppl_items", [])]
+    kv_bytes = {"gguf": 4 if cfg.get("kv_cache_type") == "f32" else 2, "torch": 4}.get(variant["format"]) \
+        or np.dtype(getattr(rt, "past_dtype", np.float32)).itemsize
+    size_bytes = int(getattr(rt, "size_bytes", 0))
     rt.close()
+    fp = footprint.of_variant(variant["format"], variant["path"], kv_bytes)
+    first, last = (lat["lengths"][str(n)] for n in (min(samples["prompt_lengths"]), max(samples["prompt_lengths"])))
+    dec = lat["decode_tok_s"]
     record = {
         "name": variant["name"], "format": variant["format"], "quant": variant["quant"],
-        "size_bytes": int(getattr(rt, "size_bytes", 0)),
-        "ttft_ms": round(1000 * statistics.median(ttft), 2),
-        "decode_tok_s": round(dec_tok / dec_s, 1) if dec_s > 0 else 0.0,
-        "peak_rss_mb": peak_rss_mb(),
+        "size_bytes": size_bytes, "params": fp.params,
+        "ttft_ms": round(first["ttft_ms"]["median"], 3),
+        "prefill_tok_s": round(last["prefill_tok_s"]["median"], 1),
+        "decode_tok_s": round(dec["median"], 1),
+        "peak_rss_mb": rss_mb,
         "load_s": round(load_s, 3),
         "exact_match": _mean(scores["em"]), "token_f1": _mean(scores["f1"]), "rouge_l": _mean(scores["rl"]),
+        "perplexity": round(float(np.exp(np.concatenate(nll).mean())), 4) if nll else None,
+        "predicted_decode_tok_s": round(fp.predicted_tok_s(cfg["bandwidth_gbs"], lat["decode_context"]), 1),
         "key_fact": _mean(scores["kf"]) if scores["kf"] else None,
+        "ttft_ms_iqr": [round(first["ttft_ms"]["q1"], 3), round(first["ttft_ms"]["q3"], 3)],
+        "prefill_tok_s_iqr": [round(last["prefill_tok_s"]["q1"], 1), round(last["prefill_tok_s"]["q3"], 1)],
+        "decode_tok_s_iqr": [round(dec["q1"], 1), round(dec["q3"], 1)],
+        "decode_tok_s_minmax": [round(dec["min"], 1), round(dec["max"], 1)],
+        "bytes_per_token": int(fp.bytes_per_token(lat["decode_context"])),
+        "predicted_footprint_mb": round(fp.memory_mb(cfg["n_ctx"]), 1),
+        "latency": lat,
     }
+    if "decode_tok_s_llama" in lat:
+        llama = lat["decode_tok_s_llama"]["median"]
+        record["decode_tok_s_llama"] = round(llama, 1)
+        record["decode_vs_llama"] = round(dec["median"] / llama, 4)
     if save_ref:
         np.savez(ref_path, top1=np.concatenate(top1), logp=np.concatenate(logps),
                  gens=np.array(json.dumps(gens)))

@@ -23,6 +23,7 @@ class GenResult:
 
 
 # Every runtime class offers, by convention (no base class):
-#   generate(ids: list[int], max_new_tokens: int) -> GenResult    greedy, stops at the model's EOS
+#   generate(ids: list[int], max_new_tokens: int, ignore_eos=False) -> GenResult    greedy, stops at
+#       the model's EOS (ignore_eos: run to max_new_tokens, for fixed-length timing)
 #   logits(ids: list[int]) -> numpy.ndarray [len(ids), vocab] float32, one teacher-forced pass
 #   close() -> None

@@ -25,7 +25,8 @@ class GGUFRuntime:
     """One GGUF model loaded with llama.cpp on the CPU (or with n_gpu_layers offloaded)."""
 
     def __init__(self, path: str | Path, n_threads: int = 2, n_ctx: int = 512, n_gpu_layers: int = 0,
-                 kv_type: str = "f16"):
+                 kv_type: str = "f16", lora_path: str | Path | None = None, lora_scale: float = 1.0):
+        # lora_path: a GGUF LoRA adapter (edgeft.gguf_lora) applied at run time over this base, times lora_scale
         if kv_type not in _KV_TYPES:
             raise ValueError(f"kv_type {kv_type!r}; valid: {', '.join(_KV_TYPES)}")
         self.path = Path(path)
@@ -34,15 +35,18 @@ class GGUFRuntime:
         self._llm = llama_cpp.Llama(
             model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
             n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=False, verbose=False,
-            type_k=_KV_TYPES[kv_type], type_v=_KV_TYPES[kv_type])
+            type_k=_KV_TYPES[kv_type], type_v=_KV_TYPES[kv_type],
+            lora_path=str(lora_path) if lora_path else None, lora_scale=lora_scale)
+        self.lora_path = Path(lora_path) if lora_path else None
         self.load_s = time.perf_counter() - t0  # seconds to mmap the file and build the context
         self.n_ctx = n_ctx
         self.n_vocab = self._llm.n_vocab()
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
 
-    def generate(self, ids: list[int], max_new_tokens: int) -> GenResult:
-        """Greedy decoding from `ids`; stops before an end-of-generation token or after max_new_tokens."""
+    def generate(self, ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> GenResult:
+        """Greedy decoding from `ids`; stops before an end-of-generation token (unless ignore_eos, for
+        fixed-length timing) or after max_new_tokens."""
         if not ids:
             raise ValueError("generate needs at least one prompt token")
         self._check_len(len(ids) + max_new_tokens)
@@ -53,7 +57,7 @@ class GGUFRuntime:
         tok = int(np.argmax(self._decode(ids, 0, all_logits=False)[-1]))
         t_first = time.perf_counter()
         while len(tokens) < max_new_tokens:
-            if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+            if not ignore_eos and llama_cpp.llama_vocab_is_eog(self._vocab, tok):
                 stopped = True
                 break
             tokens.append(tok)
@@ -76,6 +80,15 @@ class GGUFRuntime:
     def detokenize(self, ids: list[int]) -> str:
         """Text of `ids` (SentencePiece keeps the leading space of the first piece)."""
         return self._llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def perf(self, reset: bool = False) -> dict:
+        """llama.cpp's own timings since the last reset: prompt/eval ms and token counts."""
+        d = llama_cpp.llama_perf_context(self._llm.ctx)
+        out = {"t_p_eval_ms": d.t_p_eval_ms, "t_eval_ms": d.t_eval_ms, "n_p_eval": d.n_p_eval,
+               "n_eval": d.n_eval}
+        if reset:
+            llama_cpp.llama_perf_context_reset(self._llm.ctx)
+        return out
 
     @property
     def eos_id(self) -> int:

@@ -30,8 +30,8 @@ class HFRuntime:
         self.size_bytes = sum(os.path.getsize(p) for p in Path(model_dir).glob("*.safetensors"))
         self._torch = torch
 
-    def generate(self, ids: list[int], max_new_tokens: int) -> GenResult:
-        """Greedy decode from prompt ids, stopping at EOS."""
+    def generate(self, ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> GenResult:
+        """Greedy decode from prompt ids, stopping at EOS (unless ignore_eos, for fixed-length timing)."""
         torch = self._torch
         out, past, stopped = [], None, False
         t0 = time.perf_counter()
@@ -44,7 +44,7 @@ class HFRuntime:
                 tok = int(res.logits[0, -1].argmax())
                 if t_first is None:
                     t_first = time.perf_counter()
-                if tok in self.eos_ids:
+                if tok in self.eos_ids and not ignore_eos:
                     stopped = True
                     break
                 out.append(tok)

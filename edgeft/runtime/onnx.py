@@ -48,7 +48,11 @@ class OnnxRuntime:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = n_threads
         opts.inter_op_num_threads = 1  # a decoder graph is a chain: no parallel branches to run
-        self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=[provider])
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=[provider])
+        except Exception as e:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+            raise ValueError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); "
+                             "the file is corrupt or truncated: re-export it") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         self._ids_dtype = _ORT_DTYPES.get(inputs["input_ids"].type, np.int64)
@@ -81,8 +85,9 @@ class OnnxRuntime:
         self.load_s = time.perf_counter() - t0
 
     def generate(self, ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> GenResult:
-        """Greedy (temperature 0) or sampled continuation of `ids`, stopping before EOS."""
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 ignore_eos: bool = False) -> GenResult:
+        """Greedy (temperature 0) or sampled continuation of `ids`, stopping before EOS (unless ignore_eos)."""
         if not ids:
             raise ValueError("empty prompt: pass at least one token id (usually BOS)")
         if max_new_tokens <= 0:
@@ -96,10 +101,10 @@ class OnnxRuntime:
         logits, past = self._forward(list(ids), self._empty_past(), 0)
         n_ctx = len(ids)
         while len(tokens) < max_new_tokens:
-            nxt = _choose(logits[-1], temperature, top_k, top_p, rng)
+            nxt = choose_next(logits[-1], temperature, top_k, top_p, rng)
             if not tokens:
                 t_first = time.perf_counter()
-            if nxt in self.eos_ids:
+            if nxt in self.eos_ids and not ignore_eos:
                 stopped = True
                 break
             tokens.append(nxt)
@@ -162,8 +167,8 @@ def eos_ids(model_dir: str | Path) -> frozenset[int]:
     return frozenset(found)
 
 
-def _choose(row: np.ndarray, temperature: float, top_k: int, top_p: float,
-            rng: np.random.Generator) -> int:
+def choose_next(row: np.ndarray, temperature: float, top_k: int, top_p: float,
+                rng: np.random.Generator) -> int:
     """Next id from one logits row: argmax at temperature 0, else top-k / top-p sampling."""
     if temperature <= 0:
         return int(np.argmax(row))

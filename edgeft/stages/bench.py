@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 
 from edgeft import artifact
-from edgeft.bench import report
+from edgeft.bench import report, targets
 from edgeft.bench.harness import Config as HarnessConfig
 from edgeft.bench.harness import Variant, run_bench
-from edgeft.constants import EVAL_FILE, KIND_BENCH, KIND_DATA, KIND_GGUF, KIND_HF, KIND_ONNX
+from edgeft.bench.select import select
+from edgeft.constants import (EVAL_FILE, KIND_BENCH, KIND_DATA, KIND_GGUF, KIND_HF, KIND_ONNX,
+                              MANUAL_HELDOUT_FILE)
 from edgeft.data import read_jsonl
+from edgeft.errors import UserError
 
 Config = HarnessConfig
+
+
+def for_profile(cfg: Config, profile) -> Config:
+    """The recipe's bench config with the device profile's threads, context, bandwidth and budgets."""
+    return dataclasses.replace(
+        cfg, threads=profile.threads, max_samples=cfg.max_samples or profile.bench_samples,
+        n_ctx=profile.context_length, bandwidth_gbs=profile.bandwidth_gbs, n_gpu_layers=profile.n_gpu_layers,
+        onnx_provider=profile.onnx_provider, kv_cache_type=getattr(profile, "kv_cache_type", cfg.kv_cache_type),
+        accuracy_budget=profile.accuracy_budget,
+        memory_budget_gb=profile.memory_budget_gb)
 
 
 def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifact,
@@ -20,33 +33,54 @@ def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifa
     """Bench `src` (the tuned hf artifact, the reference) beside `base` and the export artifacts."""
     src = artifact.load(src.path, kind=KIND_HF)
     data = artifact.load(data.path, kind=KIND_DATA)
-    exports = [artifact.load(e.path, kind=(KIND_GGUF, KIND_ONNX)) for e in exports]
+    exports = [artifact.load(e.path, kind=(KIND_GGUF, KIND_ONNX, KIND_HF)) for e in exports]
     variants = [Variant("tuned", "torch", "fp32", str(src.path))]
     if base is not None:
         variants.append(Variant("base", "torch", "fp32", str(base)))
     for e in exports:
         variants += export_variants(e)
+    heldout = data.path / MANUAL_HELDOUT_FILE
     inputs = {"data_id": data.id, "variants": {v.name: v.path for v in variants},
               "export_ids": [e.id for e in exports], "base": str(base) if base else None}
 
     def payload(tmp: Path) -> dict:
-        records = run_bench(variants, read_jsonl(data.path / EVAL_FILE), src.path, cfg, tmp / "work")
+        text = heldout.read_text() if heldout.is_file() else ""
+        records = run_bench(variants, read_jsonl(data.path / EVAL_FILE), src.path, cfg, tmp / "work", text)
         order = ["base", "tuned"] + [v.name for v in variants[2:]]
         records.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
-        for f in (tmp / "work").iterdir():
-            f.unlink()
-        (tmp / "work").rmdir()
-        report.write(records, tmp)
-        return {"variants": len(records), "samples": cfg.max_samples}
+        _clear(tmp / "work")
+        choice, line = selection(records, cfg)
+        notes = [] if text else ["perplexity: '-' because the data artifact holds no held-out manual text "
+                                 f"({MANUAL_HELDOUT_FILE}); pass data.manual to measure it"]
+        report.write(records, tmp, line, notes)
+        return {"variants": len(records), "samples": cfg.max_samples, "selected": choice}
 
     return artifact.build(out, kind=KIND_BENCH, stage="bench", params=cfg, parent=src, payload=payload,
                           inputs=inputs)
 
 
+def selection(records: list[dict], cfg: Config) -> tuple[str | None, str]:
+    """The variant the gate picks (or None) and the line the report shows about it."""
+    try:
+        pick = select(records, cfg)
+    except UserError as e:
+        return None, f"**Selected:** none. {e}"
+    return pick["name"], (f"**Selected:** {pick['name']} ({pick['size_bytes']} bytes): keeps "
+                          f"{pick['accuracy_kept']:.1%} of the tuned rouge_l (budget {cfg.accuracy_budget:.0%}), "
+                          f"needs {pick['memory_mb']:.0f} MiB (budget {pick['memory_budget_mb']:.0f} MiB).")
+
+
 def export_variants(art: artifact.Artifact) -> list[Variant]:
-    """One variant per .gguf file or onnx model dir in an export artifact."""
-    if art.kind == KIND_GGUF:
-        return [Variant(f"gguf-{p.stem.split('-', 1)[-1]}", "gguf", p.stem.split("-", 1)[-1], str(p))
-                for p in sorted(art.path.glob("*.gguf"))]
-    return [Variant(f"onnx-{p.parent.name}", "onnx", p.parent.name, str(p.parent))
-            for p in sorted(art.path.glob("*/model.onnx"))]
+    """One variant per .gguf file or onnx model dir in an export artifact; a pruned or distilled hf artifact
+    is one torch variant named after its stage, and its exports carry that name (distill-gguf-q4_k_m)."""
+    if art.kind == KIND_HF:
+        return [Variant(art.stage, "torch", "fp32", str(art.path))]
+    parent = (art.manifest.get("parent") or {}).get("stage")
+    tag = f"{parent}-" if parent in ("prune", "distill") else ""
+    return [dataclasses.replace(v, name=tag + v.name) for v in targets.export_variants(art.kind, art.path)]
+
+
+def _clear(work: Path) -> None:
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()

@@ -1,30 +1,29 @@
 """Export stage: an hf artifact -> a gguf artifact with one `model-<type>.gguf` per requested type.
 
 F32/F16/BF16/Q8_0 are written by edgeft.gguf_writer; K-quants and Q4_0 come from llama.cpp's own
-quantizer run on the F16 file. The tokenizer files ride along so the device can tokenize. A light
-parity gate runs llama.cpp in a subprocess (a malformed GGUF can abort the process that loads it):
-every file must load and generate; on the gate file (F16, else the first float file, else the
-first) llama.cpp's tokenization must equal the HF tokenizer's and its logits must stay within the
-type's tolerance of PyTorch FP32, with greedy tokens differing only at near-ties.
+quantizer run on the F16 file, optionally weighted by an importance matrix computed on the fine-tune
+data (edgeft.gguf_imatrix). With `adapter: true` the stage ships the base model's files plus the
+LoRA as `adapter-f32.gguf`, which llama.cpp applies at run time (edgeft.gguf_lora), instead of a
+merged model; its input is then the train stage's adapter artifact (or a merge of one, whose parent
+is used). Every .gguf gets an Ollama Modelfile beside it. The tokenizer files ride along so the
+device can tokenize. The parity gate (edgeft.gguf_parity) checks every file through llama.cpp
+against PyTorch, with the adapter applied when there is one.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
+import random
 import shutil
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from edgeft import artifact, gguf_writer
+from edgeft import artifact, gguf_imatrix, gguf_lora, gguf_modelfile, gguf_parity, gguf_writer
 from edgeft.artifact import Artifact
-from edgeft.constants import KIND_GGUF, KIND_HF, TMP_PREFIX, TOKENIZER_FILES
+from edgeft.constants import (ADAPTER_DIR, EVAL_FILE, KIND_ADAPTER, KIND_DATA, KIND_GGUF, KIND_HF, MANIFEST_NAME,
+                              TOKENIZER_FILES, TRAIN_FILE)
 from edgeft.errors import StageFailure, UserError
 
 STAGE = "export_gguf"
@@ -34,16 +33,9 @@ _LLAMA_FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTL
 _NOMINAL = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0",
             "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}
 VALID_TYPES = gguf_writer.OUT_TYPES + tuple(_LLAMA_FTYPES)
-# Gate tolerance: max |logit - torch| / max |torch logit| for the gate file (F16 KV cache, as deployed).
-# Observed on the tiny test Llama: f32 1.1e-3, f16 1.9e-3, bf16 1.4e-2; a q/k permutation bug gives ~1.
-_REL_TOL = {"f32": 0.01, "f16": 0.02, "bf16": 0.08}
-# Tokenization samples: digits, punctuation, newlines, tabs, non-ASCII. None starts with a space:
-# HF's fast Metaspace drops one "▁" of leading whitespace where SentencePiece and llama.cpp keep it.
-GATE_TEXTS = ("Hello world", "Fault code E-1024: replace the pump.\nTorque 45 Nm, every 12000 km.",
-              "Step 1:\tcheck the valve\n\nStep 2: café ✓ 日本", "x = (a + b) * 3.14;")
-GATE_PROMPTS = ("The quick brown fox", "Question: what is the torque?\nAnswer:")
-_GATE_NEW_TOKENS = 16
-_CHILD_TIMEOUT_S = 900
+ADAPTER_FILE = "adapter-f32.gguf"  # the LoRA of an adapter export
+IMATRIX_FILE = "imatrix.gguf"  # llama.cpp's imatrix format: also usable with llama-quantize --imatrix
+_IMATRIX_MAX_TOKENS = 512  # per calibration conversation
 
 
 @dataclass(frozen=True)
@@ -52,25 +44,63 @@ class Config:
 
     types: tuple[str, ...] = ("f16", "q8_0", "q4_k_m")  # files to build, one per type (VALID_TYPES)
     threads: int = 2  # llama.cpp quantizer threads (the gate runs on one: it checks, it does not time)
+    imatrix: bool = False  # weigh q4_0/K-quant rounding by activations on the fine-tune data (chat template)
+    imatrix_samples: int = 256  # training conversations the importance matrix is computed on
+    adapter: bool = False  # ship the base files + adapter-f32.gguf (llama.cpp LoRA) instead of a merged model
+    parity_samples: int = 64  # eval conversations (from the run's data) for tokenization + teacher-forced checks
+    min_top1_q8_0: float = 0.99  # teacher-forced top-1 agreement with torch the q8_0 file must reach
+    min_top1_quant: float = 0.95  # the same for llama.cpp-quantized files (q4_0, K-quants)
 
 
-def run(src: Artifact, cfg: Config, out: Path) -> Artifact:
-    """Convert an hf artifact to GGUF files of `cfg.types`, gate them against PyTorch, publish at `out`."""
-    if src.kind != KIND_HF:
-        raise UserError(f"{src.path}: artifact kind is '{src.kind}', {STAGE} needs {KIND_HF}; "
-                        "pass the output of train or merge")
+def run(src: Artifact, cfg: Config, out: Path, *, data: Artifact | None = None) -> Artifact:
+    """Convert `src` to GGUF files of `cfg.types` (+ the LoRA with cfg.adapter), gate them, publish at `out`."""
     types = validate(cfg)
+    adapter_art = _adapter_source(src) if cfg.adapter else None
+    if adapter_art is not None:
+        gguf_lora.check(adapter_art.path / ADAPTER_DIR)  # DoRA, per-module ranks...: refused before any work
+    if adapter_art is None and src.kind != KIND_HF:
+        raise UserError(f"{src.path}: artifact kind is '{src.kind}', {STAGE} needs {KIND_HF}; "
+                        "pass the output of train or merge (or set export_gguf.adapter=true for an adapter)")
+    if cfg.imatrix and not any(t in _LLAMA_FTYPES for t in types):
+        raise UserError(f"export_gguf.imatrix=true but no type uses it; add one of {', '.join(_LLAMA_FTYPES)}")
+    data = data if data is not None else _find_data(adapter_art or src)
+    if cfg.imatrix:
+        if data is None:
+            raise UserError(f"export_gguf.imatrix=true: no data artifact found for {src.path} (the run dir's "
+                            "data/ with the id its train stage recorded); run it through the pipeline")
+    parent = adapter_art or src
 
     def payload(staging: Path) -> dict:
-        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=staging.parent) as tmp:
-            files, metrics = _build_files(src.path, types, cfg.threads, staging, Path(tmp))
+        with tempfile.TemporaryDirectory(prefix=artifact.scratch_prefix(out), dir=staging.parent) as tmp_s:
+            tmp = Path(tmp_s)
+            if adapter_art is not None:
+                model_dir, reference, adapter_info = _adapter_models(adapter_art, tmp, staging)
+            else:
+                model_dir, reference, adapter_info = src.path, src.path, None
+            imatrix = None
+            if cfg.imatrix:
+                # activations of the model as deployed: the merged one when the LoRA rides along
+                imatrix = _imatrix(reference, data, cfg.imatrix_samples, staging)
+            files, metrics = _build_files(model_dir, types, cfg.threads, staging, tmp, imatrix)
             for name in ("config.json", *TOKENIZER_FILES):
-                if (src.path / name).is_file():
-                    shutil.copy2(src.path / name, staging / name)
-            metrics["parity"] = _parity_gate(src.path, files, Path(tmp))
+                if (reference / name).is_file():
+                    shutil.copy2(reference / name, staging / name)
+            lora = staging / ADAPTER_FILE if adapter_info else None
+            ctx = gguf_writer.model_spec(model_dir)[1]["ctx"]
+            metrics["modelfiles"] = {t: gguf_modelfile.write(p, reference, ctx, lora) for t, p in files.items()}
+            if adapter_info:
+                metrics["adapter"] = adapter_info
+            if imatrix:
+                metrics["imatrix"] = imatrix[2]
+            evals = _eval_conversations(reference, data, cfg.parity_samples) if data is not None else []
+            min_top1 = {t: cfg.min_top1_q8_0 if t == "q8_0" else cfg.min_top1_quant
+                        for t in files if t == "q8_0" or t in _LLAMA_FTYPES}
+            metrics["parity"] = gguf_parity.parity_gate(reference, files, tmp, lora, evals, min_top1)
         return metrics
 
-    return artifact.build(out, kind=KIND_GGUF, stage=STAGE, params=cfg, parent=src, payload=payload)
+    inputs = {"data_id": data.id} if cfg.imatrix else None
+    return artifact.build(out, kind=KIND_GGUF, stage=STAGE, params=cfg, parent=parent, payload=payload,
+                          inputs=inputs)
 
 
 def gguf_file(art: Artifact, gguf_type: str) -> Path:
@@ -83,6 +113,7 @@ def gguf_file(art: Artifact, gguf_type: str) -> Path:
 
 
 def validate(cfg: Config) -> tuple[str, ...]:
+    """The requested types, checked; bad values are UserErrors naming the key."""
     types = tuple(cfg.types)
     bad = [t for t in types if t not in VALID_TYPES]
     if bad or not types:
@@ -92,11 +123,16 @@ def validate(cfg: Config) -> tuple[str, ...]:
         raise UserError(f"export_gguf.types lists a type twice: {list(types)}")
     if cfg.threads < 1:
         raise UserError(f"export_gguf.threads must be >= 1, got {cfg.threads}")
+    if cfg.imatrix_samples < 1:
+        raise UserError(f"export_gguf.imatrix_samples must be >= 1, got {cfg.imatrix_samples}")
+    for key in ("min_top1_q8_0", "min_top1_quant"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise UserError(f"export_gguf.{key} must be in [0, 1], got {getattr(cfg, key)}")
     return types
 
 
-def _build_files(hf_dir: Path, types: tuple[str, ...], threads: int, staging: Path,
-                 tmp: Path) -> tuple[dict[str, Path], dict]:
+def _build_files(hf_dir: Path, types: tuple[str, ...], threads: int, staging: Path, tmp: Path,
+                 imatrix: tuple | None = None) -> tuple[dict[str, Path], dict]:
     """Write every requested file; the F16 base of llama.cpp's quantizer goes to `tmp` unless requested."""
     files, per_file, n_params = {}, {}, 0
     base = staging / "model-f16.gguf" if "f16" in types else tmp / "base-f16.gguf"
@@ -108,7 +144,7 @@ def _build_files(hf_dir: Path, types: tuple[str, ...], threads: int, staging: Pa
             info = gguf_writer.convert(hf_dir, path, t, name=hf_dir.name)
             n_params = info["n_params"]
         else:
-            _llama_quantize(base, path, t, threads)
+            _llama_quantize(base, path, t, threads, imatrix)
             info = {}
         files[t] = path
         per_file[t] = _describe(path, t, info)
@@ -117,7 +153,7 @@ def _build_files(hf_dir: Path, types: tuple[str, ...], threads: int, staging: Pa
     return files, {"files": per_file, "n_params": n_params}
 
 
-def _llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int) -> None:
+def _llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int, imatrix: tuple | None = None) -> None:
     import llama_cpp
 
     # llama-cpp-python prints every llama.cpp log line until its logger level is set; the per-tensor
@@ -128,6 +164,9 @@ def _llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads
     params.ftype = getattr(llama_cpp, _LLAMA_FTYPES[gguf_type])
+    if imatrix is not None:
+        arr, _keep = gguf_imatrix.quantize_params_array(imatrix[0], imatrix[1])
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.is_file():
         raise StageFailure(f"llama.cpp quantization {src.name} -> {gguf_type} failed (code {rc})")
@@ -149,109 +188,104 @@ def _describe(path: Path, gguf_type: str, info: dict) -> dict:
             "fallbacks": info.get("fallbacks", other)}
 
 
-def _parity_gate(hf_dir: Path, files: dict[str, Path], tmp: Path) -> dict:
-    """Load every file in a subprocess; check the gate file's tokenization and logits against HF/torch."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    prompts = [tok(p).input_ids for p in GATE_PROMPTS]
-    results = _run_child(files, prompts, tmp)
-    gate_type = next((t for t in ("f16", "f32", "bf16") if t in files), next(iter(files)))
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    report: dict = {"gate_file": files[gate_type].name, "files": {}}
-    for t, res in results.items():
-        report["files"][t] = _compare_logits(model, prompts, res, tmp / f"logits-{t}.npz")
-    problems = _tokenization_problems(tok, results[gate_type])
-    report["tokenization_match"] = not problems
-    g, tol = report["files"][gate_type], _REL_TOL.get(gate_type)
-    if tol is not None and g["rel_logit_diff"] > tol:
-        problems.append(f"logits differ from torch fp32 by {g['rel_logit_diff']:.3g} relative "
-                        f"(tolerance {tol}): a tensor layout or metadata problem "
-                        "(rope, q/k permutation, norms)")
-    if tol is not None and g["decisive_mismatches"]:
-        problems.append(f"greedy tokens differ from torch fp32 where torch was decisive: "
-                        f"{g['decisive_mismatches'][:3]}")
-    if problems:
-        raise StageFailure(f"GGUF parity gate failed on {files[gate_type].name}: " + "; ".join(problems))
-    return report
 
 
-def _tokenization_problems(tok, res: dict) -> list[str]:
-    """llama.cpp ids vs the HF tokenizer's, without and with special tokens (BOS/EOS flags)."""
-    for i, text in enumerate(GATE_TEXTS):
-        for hf, llama in ((tok(text, add_special_tokens=False).input_ids, res["tokens"][i]),
-                          (tok(text).input_ids, res["tokens_special"][i])):
-            if hf != llama:
-                return [f"tokenization of {text!r} differs from the HF tokenizer: HF {hf}, llama.cpp {llama} "
-                        "(check add_bos/add_eos, the space prefix and the SentencePiece normalizer)"]
-    return []
+def _adapter_source(src: Artifact) -> Artifact:
+    """The adapter artifact to export: `src` itself, or the adapter a merge artifact was made from."""
+    if src.kind == KIND_ADAPTER:
+        return artifact.load(src.path, kind=KIND_ADAPTER)
+    parent = src.manifest.get("parent") or {}
+    if src.kind == KIND_HF and parent.get("kind") == KIND_ADAPTER and (Path(parent["path"]) / MANIFEST_NAME).is_file():
+        return artifact.load(parent["path"], kind=KIND_ADAPTER)
+    raise UserError(f"{src.path}: export_gguf.adapter=true needs a LoRA adapter artifact (train with "
+                    f"train.method=lora or qlora) or a merge of one; got a '{src.kind}' from {src.stage}")
 
 
-def _compare_logits(model, prompts: list[list[int]], res: dict, npz: Path) -> dict:
-    """llama.cpp logits and greedy path vs torch fp32 teacher-forced on the same ids."""
+def _adapter_models(adapter_art: Artifact, tmp: Path, staging: Path) -> tuple[Path, Path, dict]:
+    """(base dir the GGUF files are made from, merged reference dir, adapter info); writes the LoRA GGUF.
+
+    QLoRA adapters were trained on the NF4-dequantized base, so that (not the original) is the base
+    shipped, as merge does; the reference is the merged model, checked by merge's own verification."""
     import torch
 
-    worst, scale, agree, total, decisive = 0.0, 0.0, 0, 0, []
-    with np.load(npz) as saved:
-        for i, (prompt, greedy) in enumerate(zip(prompts, res["greedy"])):
-            seq = prompt + greedy
-            with torch.no_grad():
-                ref = model(torch.tensor([seq])).logits[0].float().numpy()
-            got = saved[f"arr_{i}"]
-            err = float(np.abs(got - ref).max())
-            worst, scale = max(worst, err), max(scale, float(np.abs(ref).max()))
-            rows = ref[len(prompt) - 1:len(seq) - 1]  # the rows that chose each generated token
-            for j, token in enumerate(greedy):
-                best = int(rows[j].argmax())
-                total += 1
-                agree += best == token
-                # a greedy difference is explained by numerics only where torch's margin is within 2x err
-                if best != token and rows[j, best] - rows[j, token] > 2 * err:
-                    decisive.append({"prompt": i, "position": j, "torch": best, "llama_cpp": token})
-    return {"max_abs_logit_diff": worst, "rel_logit_diff": worst / scale if scale else 0.0,
-            "top1_agreement": agree / total if total else 1.0, "greedy_tokens": total,
-            "decisive_mismatches": decisive}
+    from edgeft.stages import hf_io, merge
+
+    train_cfg = adapter_art.manifest["params"]["config"]
+    base_dir = hf_io.resolve_model(adapter_art.manifest["inputs"]["base_model"])
+    adapter_dir = adapter_art.path / ADAPTER_DIR
+    merged, checks = merge.merge(base_dir, adapter_dir, train_cfg, merge.Config(dtype="float32"))
+    reference = tmp / "merged"
+    merged.save_pretrained(reference, safe_serialization=True)
+    hf_io.copy_tokenizer(adapter_art.path, reference)
+    if train_cfg["method"] == "qlora":
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        quant = AutoModelForCausalLM.from_pretrained(
+            base_dir, quantization_config=hf_io.bnb_config(train_cfg["quant_type"], train_cfg["double_quant"],
+                                                           torch.float32), dtype=torch.float32,
+            device_map={"": "cpu"})
+        merge._load_dequantized(quant, base)
+        model_dir = tmp / "base-dequantized"
+        base.save_pretrained(model_dir, safe_serialization=True)
+        hf_io.copy_tokenizer(adapter_art.path, model_dir)
+    else:
+        model_dir = base_dir
+    info = gguf_lora.convert_adapter(adapter_dir, model_dir, staging / ADAPTER_FILE)
+    info.update(file=ADAPTER_FILE, method=train_cfg["method"], base=str(base_dir),
+                merge_max_abs_diff=checks["merge_max_abs_diff"])
+    return model_dir, reference, info
 
 
-def _run_child(files: dict[str, Path], prompts: list[list[int]], tmp: Path) -> dict[str, dict]:
-    """Run _child_main in a fresh interpreter; a crash names the file that was loading."""
-    job = {"files": {t: str(p) for t, p in files.items()}, "texts": list(GATE_TEXTS),
-           "prompts": prompts, "max_new": _GATE_NEW_TOKENS, "out": str(tmp)}
-    code = "from edgeft.stages.export_gguf import _child_main; _child_main()"
-    try:
-        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True,
-                              text=True, timeout=_CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise StageFailure(f"the llama.cpp parity check did not finish in {_CHILD_TIMEOUT_S} s") from None
-    results, loading = {}, None
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            msg = json.loads(line)
-            if "loading" in msg:
-                loading = msg["loading"]
-            else:
-                results[msg["type"]] = msg
-    if proc.returncode != 0 or len(results) != len(files):
-        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
-        raise StageFailure(f"llama.cpp could not load or run {files.get(loading, loading)} "
-                           f"(exit code {proc.returncode}):\n{tail}")
-    return results
+def _find_data(src: Artifact) -> Artifact | None:
+    """The data artifact that trained `src`: an ancestor records its id, the pipeline puts it in <run>/data."""
+    for art in artifact.lineage(src.path):
+        data_id = art.manifest.get("inputs", {}).get("data_id")
+        cand = art.path.parent / "data"
+        if data_id and (cand / MANIFEST_NAME).is_file():
+            found = artifact.load(cand, kind=KIND_DATA)
+            if found.id == data_id and (found.path / TRAIN_FILE).is_file():
+                return found
+    return None
 
 
-def _child_main() -> None:
-    """Subprocess side of the gate: per file, tokenize the texts, generate greedily, save logits."""
-    from edgeft.runtime.gguf import GGUFRuntime
+def _eval_conversations(model_dir: Path, data: Artifact, n: int) -> list[dict]:
+    """Up to `n` eval conversations: the prompt text and ids, and the ids with the reference answer."""
+    from edgeft.data import read_jsonl
+    from edgeft.runtime.prompt import PromptFormatter
 
-    job = json.loads(sys.stdin.read())
-    n_ctx = max(len(p) for p in job["prompts"]) + job["max_new"]
-    for t, path in job["files"].items():
-        print(json.dumps({"loading": t}), flush=True)
-        with GGUFRuntime(path, n_threads=1, n_ctx=n_ctx) as rt:
-            greedy = [rt.generate(p, job["max_new"]).tokens for p in job["prompts"]]
-            logits = [rt.logits(p + g) for p, g in zip(job["prompts"], greedy)]
-            np.savez(Path(job["out"]) / f"logits-{t}.npz", *logits)
-            print(json.dumps({"type": t, "greedy": greedy,
-                              "tokens": [rt.tokenize(s, add_bos=False) for s in job["texts"]],
-                              "tokens_special": [rt.tokenize(s, add_bos=True) for s in job["texts"]]}),
-                  flush=True)
+    fmt = PromptFormatter(model_dir)
+    out = []
+    for rec in read_jsonl(data.path / EVAL_FILE)[:n]:
+        msgs = rec.get("messages")
+        if not msgs or msgs[-1]["role"] != "assistant":
+            continue
+        prompt = fmt.render(msgs[:-1], add_generation_prompt=True)
+        ids, full = fmt.encode(prompt), fmt.encode(fmt.render(msgs))
+        start = len(ids) if full[:len(ids)] == ids else 1  # a merge across the boundary: score every position
+        if start < len(full):
+            out.append({"prompt": prompt, "ids": ids, "full": full, "start": start})
+    return out
+
+
+def _imatrix(model_dir: Path, data: Artifact, n: int, staging: Path) -> tuple:
+    """(sums, counts, info): the importance matrix of `model_dir` on `n` chat-rendered training records."""
+    from edgeft.data import read_jsonl
+    from edgeft.runtime.prompt import PromptFormatter
+
+    fmt = PromptFormatter(model_dir)
+    records = read_jsonl(data.path / TRAIN_FILE)
+    random.Random(0).shuffle(records)
+    seqs = []
+    for rec in records[:n]:
+        ids = fmt.encode(fmt.render(rec["messages"]) if "messages" in rec else rec.get("text", ""))
+        if len(ids) > 1:
+            seqs.append(ids[:_IMATRIX_MAX_TOKENS])
+    if not seqs:
+        raise UserError(f"{data.path / TRAIN_FILE}: no records to compute the importance matrix on")
+    sums, counts = gguf_imatrix.compute(model_dir, seqs)
+    arch = gguf_writer.MODEL_ARCH_NAMES[gguf_writer.model_spec(model_dir)[0].arch]
+    gguf_imatrix.save(staging / IMATRIX_FILE, sums, counts, arch, str(data.path / TRAIN_FILE), len(seqs))
+    info = {"file": IMATRIX_FILE, "sequences": len(seqs), "tokens": sum(map(len, seqs)), "tensors": len(sums),
+            "data_id": data.id}
+    return sums, counts, info

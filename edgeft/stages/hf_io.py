@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from pathlib import Path
 
 from edgeft import artifact
@@ -10,8 +12,7 @@ from edgeft.constants import TOKENIZER_FILES
 from edgeft.errors import UserError
 
 
-
-def resolve_model(src) -> Path:
+def resolve_model(src, trust_remote_code: bool = False) -> Path:
     """A local model dir for an hf artifact, a local dir or a hub id (hub ids from the local cache)."""
     if isinstance(src, artifact.Artifact):
         return src.path
@@ -19,6 +20,8 @@ def resolve_model(src) -> Path:
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"base.model: {path} has no config.json; pass a transformers model dir")
+        check_remote_code(path, trust_remote_code)
+        check_weights(path)
         return path
     if str(src).count("/") != 1 or str(src).startswith((".", "/", "~")):
         raise UserError(f"base.model: '{src}' is neither an existing dir nor a hub id (org/name); "
@@ -26,11 +29,53 @@ def resolve_model(src) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "*.model",
+        path = Path(snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "*.model",
                                                                 "*.jinja", "*.txt"]))
     except Exception as e:  # offline, unknown repo, gated: all the same to the user
         raise UserError(f"base.model: cannot load hub model '{src}' ({type(e).__name__}); download it "
                         "once with network access or pass a local dir") from None
+    check_remote_code(path, trust_remote_code)
+    check_weights(path)
+    return path
+
+
+def check_remote_code(model_dir: Path, allowed: bool) -> None:
+    """A model that ships its own Python code runs it only when the recipe says so."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{model_dir / 'config.json'}: unreadable ({e}); re-download or re-save the model") from None
+    if config.get("auto_map") and not allowed:
+        raise UserError(f"base.model: {model_dir} ships its own model code (auto_map in config.json), which edgeft "
+                        "does not run by default; set base.trust_remote_code=true if you trust it")
+
+
+def check_weights(model_dir: Path) -> None:
+    """Refuse pickle-only checkpoints and truncated or corrupt safetensors before any stage loads them.
+
+    Cheap: reads each file's JSON header and checks that the file holds every tensor it lists.
+    """
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        hint = (f"it has only pickle weights ({', '.join(pickles[:3])}), which edgeft never loads; convert them "
+                "to safetensors (model.save_pretrained(dir, safe_serialization=True))" if pickles else
+                "it has no *.safetensors weights")
+        raise UserError(f"base.model: {model_dir}: {hint}")
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n <= 0 or 8 + n > size:
+                    raise ValueError("header length beyond the end of the file")
+                header = json.loads(fh.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+            raise UserError(f"{f}: not a readable safetensors file ({e}); re-download or re-save the model") from None
+        if 8 + n + end > size:
+            raise UserError(f"{f}: truncated ({size} bytes, the header lists {8 + n + end}); "
+                            "re-download or re-save the model")
 
 
 def tokenizer_hash(model_dir: Path) -> str:

@@ -1,12 +1,16 @@
 """Fine-tune a causal LM: QLoRA (NF4 base via bitsandbytes), LoRA, full, or freeze (last N blocks).
 
 Output: an `adapter` artifact (qlora, lora) or an `hf` artifact (full, freeze). Loss is on assistant
-tokens only; batches group similar lengths to waste little on padding.
+tokens only; batches group similar lengths, or pack examples into full rows. Checkpoints (`save_every`)
+live in `<out>.ckpt` until the artifact is finished: rerunning a killed run resumes from them. Under
+`accelerate launch` every rank trains and rank 0 alone writes the artifact.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from edgeft.constants import ADAPTER_DIR, EVAL_FILE, KIND_ADAPTER, KIND_DATA, KI
 from edgeft.data import IGNORE_INDEX, chunk_text, encode_example, read_jsonl
 from edgeft.errors import UserError
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import hf_io, loop
+from edgeft.stages import checkpoint, dist, hf_io, loop
 
 METHODS = ("qlora", "lora", "full", "freeze")
 OPTIMS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
@@ -51,44 +55,72 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations: less memory, ~20% slower
     device: str = "auto"  # auto | cpu | cuda
     eval_samples: int = 64  # eval-loss examples from the eval split (0 = skip)
+    eval_every: int = 0  # steps between eval-loss points (0 = once, at the end)
+    early_stop_patience: int = 0  # stop after this many evals without a new best (0 = never; needs eval_every)
+    early_stop_min_delta: float = 0.0  # eval-loss gain (nats) below which an eval is no improvement
+    restore_best: bool = True  # with eval_every: end with the weights of the best eval loss
+    packing: bool = False  # pack examples into rows of max_length tokens (no attention across them)
+    save_every: int = 0  # steps between checkpoints beside the output (0 = none); a rerun resumes
     log_every: int = 10  # steps between loss-curve points
 
 
-def run(src, cfg: Config, out: Path, *, data: artifact.Artifact) -> artifact.Artifact:
+def run(src, cfg: Config, out: Path, *, data: artifact.Artifact, trust_remote_code: bool = False) -> artifact.Artifact:
     """Train `src` (an hf artifact, a local model dir or a hub id) on the `data` artifact."""
     validate(cfg)
     data = artifact.load(data.path, kind=KIND_DATA)
-    model_dir = hf_io.resolve_model(src)
+    model_dir = hf_io.resolve_model(src, trust_remote_code)
     device = _device(cfg)
+    dist.accelerator(cpu=device.type == "cpu")  # joins the process group when launched by accelerate
     parent = src if isinstance(src, artifact.Artifact) else None
     inputs = {"base_model": str(src.path if parent else src), "data_id": data.id,
               "data_sha256": artifact.hash_files([data.path / TRAIN_FILE, data.path / EVAL_FILE]),
               "tokenizer_sha256": hf_io.tokenizer_hash(model_dir)}
+    if trust_remote_code:  # recorded: the base model ran its own code
+        inputs["trust_remote_code"] = True
+
+    kind = KIND_ADAPTER if cfg.method in ("qlora", "lora") else KIND_HF
+    params = {"config": cfg, "base": inputs["base_model"] if not parent else None}
+    aid = artifact.artifact_id(parent.id if parent else None, "train", params, inputs)
+    ckpt_dir = checkpoint.root_for(Path(out)) if cfg.save_every else None
 
     def payload(tmp: Path) -> dict:
         fmt = PromptFormatter(model_dir)
         train = _examples(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.max_length)
         evals = _examples(fmt, read_jsonl(data.path / EVAL_FILE), cfg.max_length)[: cfg.eval_samples]
-        torch.manual_seed(cfg.seed)
-        model = _load_model(model_dir, cfg, device)
+        loop.seed_everything(cfg.seed)  # adapter init and anything else drawn before the loop
+        model = _load_model(model_dir, cfg, device, trust_remote_code)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
+        if ckpt_dir is not None:
+            checkpoint.prepare(ckpt_dir, aid)
+        gathered: dict = {}  # FSDP / DeepSpeed: the full weights, gathered on rank 0
         metrics = loop.fit(model, train, evals, cfg, device, fmt.tokenizer.token_to_id("<unk>") or 0,
-                           desc=f"train[{cfg.method}]")
+                           desc=f"train[{cfg.method}]", ckpt_dir=ckpt_dir, full_state=gathered)
         metrics.update(trainable_params=trainable, total_params=total, method=cfg.method,
                        device=str(device), train_examples=len(train))
+        if not dist.is_main():
+            return metrics
         if cfg.method in ("qlora", "lora"):
-            model.save_pretrained(tmp / ADAPTER_DIR)
+            model.save_pretrained(tmp / ADAPTER_DIR, state_dict=gathered.get("model"))
+            _stable_adapter_config(tmp / ADAPTER_DIR / "adapter_config.json")
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=gathered.get("model"))
         hf_io.copy_tokenizer(model_dir, tmp)
-        loop.plot_loss(metrics["loss_curve"], tmp / "loss.png")
+        loop.plot_loss(metrics["loss_curve"], tmp / "loss.png", metrics["eval_curve"])
         return metrics
 
-    kind = KIND_ADAPTER if cfg.method in ("qlora", "lora") else KIND_HF
-    params = {"config": cfg, "base": inputs["base_model"] if not parent else None}
-    return artifact.build(out, kind=kind, stage="train", params=params, parent=parent, payload=payload,
-                          inputs=inputs)
+    if dist.is_main():
+        art = artifact.build(out, kind=kind, stage="train", params=params, parent=parent, payload=payload,
+                             inputs=inputs)
+    elif artifact.find_finished(Path(out), aid) is None:  # train beside rank 0, which alone publishes
+        with tempfile.TemporaryDirectory() as scratch:
+            payload(Path(scratch))
+    dist.barrier()
+    if not dist.is_main():
+        art = artifact.load(out, kind=kind, verify=False)
+    if ckpt_dir is not None:
+        checkpoint.remove(ckpt_dir)
+    return art
 
 
 def validate(cfg: Config) -> None:
@@ -103,6 +135,13 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.quant_type: '{cfg.quant_type}' is not nf4 or fp4")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_length < 8:
         raise UserError("train.batch_size and train.grad_accum must be >= 1, train.max_length >= 8")
+    if min(cfg.eval_every, cfg.early_stop_patience, cfg.save_every, cfg.max_steps) < 0 or cfg.log_every < 1:
+        raise UserError("train.eval_every, early_stop_patience, save_every and max_steps must be >= 0, "
+                        "train.log_every >= 1")
+    if cfg.early_stop_patience and not cfg.eval_every:
+        raise UserError("train.early_stop_patience needs train.eval_every > 0 (steps between evals)")
+    if cfg.early_stop_patience and not cfg.eval_samples:
+        raise UserError("train.early_stop_patience needs eval examples: set train.eval_samples > 0")
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if cfg.optim != "adamw" and not cuda:
         raise UserError(f"train.optim={cfg.optim} needs CUDA (bitsandbytes paged/8-bit optimizers); "
@@ -131,7 +170,7 @@ def _examples(fmt: PromptFormatter, records: list[dict], max_length: int) -> lis
     return out
 
 
-def _load_model(model_dir: Path, cfg: Config, device: torch.device):
+def _load_model(model_dir: Path, cfg: Config, device: torch.device, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[cfg.compute_dtype]
@@ -140,10 +179,11 @@ def _load_model(model_dir: Path, cfg: Config, device: torch.device):
 
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, quantization_config=hf_io.bnb_config(cfg.quant_type, cfg.double_quant, dtype),
-            dtype=dtype, device_map={"": str(device)})
+            dtype=dtype, device_map={"": str(device)}, trust_remote_code=trust_remote_code)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code).to(device)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
@@ -183,3 +223,11 @@ def _freeze(model, cfg: Config) -> None:
         p.requires_grad = keep(n)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"train.freeze_pattern: '{cfg.freeze_pattern}' matches no parameter name")
+
+
+def _stable_adapter_config(path: Path) -> None:
+    """peft writes target_modules from a set (order varies with the hash seed): sort it for identical bytes."""
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

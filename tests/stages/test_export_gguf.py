@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeft import artifact, gguf_writer
+from edgeft import artifact, gguf_parity, gguf_writer
 from edgeft.constants import KIND_GGUF, MANIFEST_NAME, TMP_PREFIX
 from edgeft.errors import StageFailure, UserError
 from edgeft.stages import export_gguf
@@ -41,7 +41,9 @@ def exported(hf_art, tmp_path_factory) -> artifact.Artifact:
 def test_default_export_files_manifest_and_metrics(exported, hf_art):
     art = artifact.load(exported.path, kind=KIND_GGUF)  # every file hash verified
     assert art.stage == "export_gguf" and art.manifest["parent"]["id"] == hf_art.id
-    assert art.manifest["params"] == {"types": ["f16", "q8_0", "q4_k_m"], "threads": 2}
+    assert art.manifest["params"] == {"types": ["f16", "q8_0", "q4_k_m"], "threads": 2, "imatrix": False,
+                                     "imatrix_samples": 256, "adapter": False, "parity_samples": 64,
+                                     "min_top1_q8_0": 0.99, "min_top1_quant": 0.95}
     names = {p.name for p in art.path.iterdir()}
     assert {"model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf", MANIFEST_NAME} <= names
     assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "config.json"} <= names
@@ -111,4 +113,88 @@ def test_a_file_llama_cpp_cannot_load_fails_the_stage_not_the_process(exported, 
     bad = tmp_path / "model-f16.gguf"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(StageFailure, match="could not load or run .*model-f16.gguf"):
-        export_gguf._run_child({"f16": bad}, [[1, 300]], tmp_path)
+        gguf_parity.run_child({"f16": bad}, [[1, 300]], tmp_path)
+
+
+def test_adapter_export_ships_base_plus_lora_and_gates_it_against_the_merge(tiny_llama_dir, tmp_path):
+    from gguf import GGUFReader
+
+    from edgeft.constants import ADAPTER_DIR
+    from test_gguf_lora import _make_adapter
+
+    def payload(d: Path) -> dict:
+        _make_adapter(tiny_llama_dir, d / ADAPTER_DIR)
+        for f in tiny_llama_dir.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy2(f, d / f.name)
+        return {}
+
+    adapter = artifact.build(tmp_path / "train", kind="adapter", stage="train",
+                             params={"config": {"method": "lora"}}, parent=None, payload=payload,
+                             inputs={"base_model": str(tiny_llama_dir)})
+    art = export_gguf.run(adapter, export_gguf.Config(types=("f32", "q8_0"), adapter=True), tmp_path / "gguf")
+    names = {p.name for p in art.path.iterdir()}
+    assert {"model-f32.gguf", "model-q8_0.gguf", export_gguf.ADAPTER_FILE, "model-f32.Modelfile"} <= names
+    assert art.manifest["parent"]["id"] == adapter.id
+    assert GGUFReader(art.path / export_gguf.ADAPTER_FILE).fields["general.type"].contents() == "adapter"
+    assert "ADAPTER ./adapter-f32.gguf" in (art.path / "model-q8_0.Modelfile").read_text()
+    info = art.metrics["adapter"]
+    assert info["n_adapted"] == 14 and info["method"] == "lora" and info["merge_max_abs_diff"] < 1e-4
+    # the gate compared base + adapter (through llama.cpp) with the merged model in torch
+    f32 = art.metrics["parity"]["files"]["f32"]
+    assert f32["rel_logit_diff"] < 0.01 and not f32["decisive_mismatches"]
+    with pytest.raises(UserError, match="needs hf"):
+        export_gguf.run(adapter, export_gguf.Config(types=("f16",)), tmp_path / "merged-only")
+
+
+def test_adapter_export_refuses_a_model_without_an_adapter(hf_art, tmp_path):
+    with pytest.raises(UserError, match="needs a LoRA adapter artifact"):
+        export_gguf.run(hf_art, export_gguf.Config(types=("f16",), adapter=True), tmp_path / "g")
+    with pytest.raises(UserError, match="imatrix=true but no type uses it"):
+        export_gguf.run(hf_art, export_gguf.Config(types=("f16",), imatrix=True), tmp_path / "g")
+    with pytest.raises(UserError, match="no data artifact found"):
+        export_gguf.run(hf_art, export_gguf.Config(types=("q4_k_m",), imatrix=True), tmp_path / "g")
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.fixture(scope="module")
+def data_art(tmp_path_factory) -> artifact.Artifact:
+    import json
+
+    from conftest import tiny_qa
+
+    recs = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
+            for r in tiny_qa(40)]
+
+    def payload(d: Path) -> dict:
+        (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:30]))
+        (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[30:]))
+        return {}
+
+    return artifact.build(tmp_path_factory.mktemp("d") / "data", kind="data", stage="data", params={},
+                          parent=None, payload=payload)
+
+
+def test_imatrix_and_eval_conversations_reach_the_files_and_the_gate(hf_art, data_art, tmp_path):
+    cfg = export_gguf.Config(types=("f16", "q4_k_m"), imatrix=True, imatrix_samples=20, min_top1_quant=0.0)
+    art = export_gguf.run(hf_art, cfg, tmp_path / "gguf", data=data_art)
+    assert (art.path / export_gguf.IMATRIX_FILE).is_file()
+    im = art.metrics["imatrix"]
+    assert im["sequences"] == 20 and im["tensors"] == 14 and im["data_id"] == data_art.id
+    assert art.manifest["inputs"]["data_id"] == data_art.id  # the data is part of the artifact id
+    parity = art.metrics["parity"]
+    assert parity["eval_prompts"] == 10 and parity["tokenization_match"]
+    for t in ("f16", "q4_k_m"):
+        f = parity["files"][t]
+        assert 0.0 < f["tf_top1_agreement"] <= 1.0 and f["tf_kld"] >= 0.0 and f["tf_positions"] > 50
+    assert parity["files"]["f16"]["tf_kld"] < parity["files"]["q4_k_m"]["tf_kld"]
+    plain = export_gguf.run(hf_art, cfg.__class__(types=("q4_k_m",), min_top1_quant=0.0), tmp_path / "plain",
+                            data=data_art)
+    assert (plain.path / "model-q4_k_m.gguf").read_bytes() != (art.path / "model-q4_k_m.gguf").read_bytes()
+
+
+def test_teacher_forced_agreement_below_the_bar_fails_the_export(hf_art, data_art, tmp_path):
+    cfg = export_gguf.Config(types=("q4_k_m",), min_top1_quant=1.0)  # random weights never agree everywhere
+    with pytest.raises(StageFailure, match="teacher-forced top-1 agreement .* < 1.0 on 10 eval conversations"):
+        export_gguf.run(hf_art, cfg, tmp_path / "gguf", data=data_art)
+    assert not (tmp_path / "gguf").exists()

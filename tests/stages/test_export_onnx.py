@@ -14,6 +14,11 @@ from edgeft.artifact import Artifact
 from edgeft.errors import StageFailure, UserError
 from edgeft.runtime.onnx import MODEL_FILE, OnnxRuntime
 from edgeft.stages import export_onnx as ex
+from edgeft.stages import onnx_parity
+
+# random weights give flat logits (top-1 agreement int8 ~0.85, int4 ~0.5): the gates' minimums are
+# tested on their own below, the export fixtures switch them off
+NO_MIN = {"min_top1_fp16": 0.0, "min_top1_int8": 0.0, "min_top1_int4": 0.0}
 
 PROMPTS = ("Question: What is the torque for the wheel bolts?\nAnswer:", "The pump",
            "Error code E12 means", "Replace the filter every")
@@ -32,7 +37,7 @@ def hf(tmp_path_factory, tiny_llama_dir) -> Artifact:
 
 @pytest.fixture(scope="module")
 def exported(hf) -> Artifact:
-    return ex.run(hf, ex.Config(types=ex.VALID_TYPES), hf.path.parent / "onnx")
+    return ex.run(hf, ex.Config(types=ex.VALID_TYPES, **NO_MIN), hf.path.parent / "onnx")
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +74,14 @@ def test_layout_manifest_and_metrics(exported):
             assert (d / name).is_file(), f"{t}/{name} missing"
         m = art.metrics["types"][t]
         assert m["size_bytes"] == (d / MODEL_FILE).stat().st_size
-        assert m["export_s"] >= 0 and 0 <= m["top1_agreement"] <= 1
+        assert m["export_s"] >= 0 and 0 <= m["top1_agreement"] <= 1 and m["kld"] >= 0
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # the hf artifact's own, byte for byte
+            assert (d / name).read_bytes() == (art.path.parent / "hf" / name).read_bytes()
     fp32 = art.metrics["types"]["fp32"]
-    assert fp32["greedy_match"] == 1.0 and fp32["greedy_near_tie_flips"] == 0
+    assert fp32["greedy_match"] == 1.0 and fp32["greedy_near_tie_flips"] == 0 and fp32["kld"] < 1e-6
+    assert art.metrics["route"]["route"] == "optimum" and art.metrics["tokenizer_prompts_checked"] == 4
+    assert art.metrics["types"]["int4"]["quant"] == {"algo": "rtn", "block_size": 32, "symmetric": True,
+                                                     "accuracy_level": 4, "matmulnbits_nodes": 15}
     assert fp32["max_abs_logit_diff"] < 1e-4
     assert not any(p.name.startswith(".") for p in art.path.iterdir())  # temp base removed
     sizes = {t: art.metrics["types"][t]["size_bytes"] for t in ex.VALID_TYPES}
@@ -131,7 +141,7 @@ def test_unsupported_architecture_is_user_error(tmp_path, tiny_llama_dir):
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     src = _hf_artifact(tmp_path, model)
-    with pytest.raises(UserError, match="'gpt2' is not supported.*llama"):
+    with pytest.raises(UserError, match="'gpt2' is not supported.*route=optimum; supported: llama, mistral"):
         ex.run(src, ex.Config(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -142,19 +152,37 @@ def test_bad_types_are_user_errors(hf, tmp_path, types):
         ex.run(hf, ex.Config(types=types), tmp_path / "out")
 
 
-def test_bad_int4_block_is_user_error(hf, tmp_path):
-    with pytest.raises(UserError, match="int4_block_size"):
-        ex.run(hf, ex.Config(types=("int4",), int4_block_size=24), tmp_path / "out")
+@pytest.mark.parametrize("bad, key", [
+    ({"types": ("int4",), "int4_block_size": 24}, "int4_block_size"),
+    ({"route": "olive"}, "route"),
+    ({"int4_algo": "gptq"}, "int4_algo"),
+    ({"route": "genai", "int4_algo": "hqq", "types": ("int4",)}, "int4_algo"),
+    ({"route": "genai", "types": ("fp32", "int8")}, "route=genai"),
+    ({"min_top1_int4": 95}, "min_top1_int4"),
+    ({"parity_tf_prompts": -1}, "parity_tf_prompts"),
+])
+def test_bad_config_values_are_user_errors(hf, tmp_path, bad, key):
+    with pytest.raises(UserError, match=key):
+        ex.run(hf, ex.Config(**bad), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_rerun_with_same_params_is_skipped(hf, exported, tmp_path):
-    again = ex.run(hf, ex.Config(types=ex.VALID_TYPES), exported.path)
+    again = ex.run(hf, ex.Config(types=ex.VALID_TYPES, **NO_MIN), exported.path)
     assert again.id == exported.id and again.manifest["created"] == exported.manifest["created"]
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not an edgeft artifact"):
         ex.run(hf, ex.Config(), stray)
+
+
+def _gate(model_dir, refs, type_name, min_top1=0.0):
+    rt = OnnxRuntime(model_dir)
+    try:
+        return onnx_parity.gate(rt, refs, type_name, len(refs[0].tokens), min_top1, model_dir)
+    finally:
+        rt.close()
 
 
 def test_parity_gate_fails_on_real_mismatch_and_tolerates_near_tie(exported, torch_ref):
@@ -166,18 +194,74 @@ def test_parity_gate_fails_on_real_mismatch_and_tolerates_near_tie(exported, tor
 
     decisive = logits.copy()
     decisive[row, other] = decisive[row].max() + 5.0
-    ref = ex._Reference(ids, [other], decisive)
-    with pytest.raises(StageFailure, match="not a near-tie"):
-        ex._parity(exported.path / "fp32", [ref], "fp32", 1)
+    ref = onnx_parity.Reference("t", ids, [other], decisive)
+    with pytest.raises(StageFailure, match="differ from PyTorch on parity prompt t at new token 0.*not a near-tie"):
+        _gate(exported.path / "fp32", [ref], "fp32")
 
     tie = logits.copy()
     tie[row, other] = tie[row].max() + 1e-6  # inside the export's ~1e-5 error
-    ref = ex._Reference(ids, [other], tie)
-    metrics = ex._parity(exported.path / "fp32", [ref], "fp32", 1)
+    metrics = _gate(exported.path / "fp32", [onnx_parity.Reference("t", ids, [other], tie)], "fp32")
     assert metrics["greedy_near_tie_flips"] == 1 and metrics["greedy_match"] == 0.0
 
-    assert ex._parity(exported.path / "int8", [ex._Reference(ids, [other], decisive)], "int8",
-                      1)["greedy_match"] == 0.0  # quantized types record, never fail
+    ref = onnx_parity.Reference("t", ids, [other], decisive)
+    assert _gate(exported.path / "int8", [ref], "int8")["greedy_match"] == 0.0  # quantized: recorded
+
+
+def test_quantized_gate_fails_below_its_minimum_with_diagnosis(exported, torch_ref):
+    refs = [onnx_parity.Reference(f"p{i}", ids, new, logits) for i, (ids, new, logits) in enumerate(torch_ref)]
+    got = _gate(exported.path / "int4", refs, "int4")
+    assert 0 < got["top1_agreement"] < 0.9 and got["kld"] > 0  # random weights: observed ~0.5
+    with pytest.raises(StageFailure, match=r"int4 teacher-forced top-1 agreement with PyTorch is 0\.\d+ < 0\.95 "
+                                           r"over \d+ positions of 4 prompts \(mean KL .* worst prompt p\d"):
+        _gate(exported.path / "int4", refs, "int4", min_top1=0.95)
+    # the same minimum the export applies: a failing type fails the whole export, nothing left behind
+    hf_dir = exported.path.parent / "hf"
+    src = artifact.load(hf_dir, kind="hf")
+    out = exported.path.parent / "gated"
+    with pytest.raises(StageFailure, match="int8 teacher-forced top-1 agreement"):
+        ex.run(src, ex.Config(types=("int8",), min_top1_int8=0.99), out)
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_tokenizer_check_names_prompt_and_position():
+    p = onnx_parity.Prompt("eval:7", [1, 5, 6, 7], "Question: x")
+    assert onnx_parity.check_tokenizer([p], lambda q: list(q.ids), "dev") == 1
+    with pytest.raises(StageFailure, match=r"dev tokenizer differs .* prompt eval:7 .* at id 2: HF \[1, 5, 6, 7\] vs dev \[1, 5, 9, 7\]"):
+        onnx_parity.check_tokenizer([p], lambda q: [1, 5, 9, 7], "dev")
+
+
+def test_eval_prompts_from_lineage_are_all_checked(tmp_path, tiny_llama_dir):
+    """An hf artifact whose lineage names a data artifact: every eval prompt is tokenizer- and greedy-checked."""
+    from edgeft.constants import EVAL_FILE
+
+    recs = [{"messages": [{"role": "user", "content": f"What is the torque for bolt {i}?"},
+                          {"role": "assistant", "content": f"{10 + i} Nm."}]} for i in range(5)]
+    data = artifact.build(tmp_path / "data", kind="data", stage="data", params={}, parent=None,
+                          payload=lambda d: (d / EVAL_FILE).write_text(
+                              "".join(json.dumps(r) + "\n" for r in recs)) and {})
+    hf = artifact.build(tmp_path / "hf", kind="hf", stage="train", params={}, parent=None,
+                        inputs={"data_id": data.id},
+                        payload=lambda d: shutil.copytree(tiny_llama_dir, d, dirs_exist_ok=True) and {})
+    assert ex._find_data(hf).id == data.id
+    art = ex.run(hf, ex.Config(types=("fp32",), parity_tf_prompts=3, parity_new_tokens=4), tmp_path / "onnx")
+    m = art.metrics
+    assert m["parity_eval_prompts"] == 5 and m["parity_prompts"] == 8 and m["tokenizer_prompts_checked"] == 8
+    assert m["parity_tf_prompts"] == 3 and m["types"]["fp32"]["greedy_match"] == 1.0
+    assert art.manifest["inputs"]["parity_data"] == data.id
+
+
+def test_int4_hqq_is_asymmetric_with_accuracy_level(hf, torch_ref):
+    import onnx
+
+    art = ex.run(hf, ex.Config(types=("int4",), int4_algo="hqq", int4_accuracy_level=4, **NO_MIN),
+                 hf.path.parent / "hqq")
+    q = art.metrics["types"]["int4"]["quant"]
+    assert q["algo"] == "hqq" and q["symmetric"] is False and q["matmulnbits_nodes"] == 15
+    nodes = [n for n in onnx.load(str(art.path / "int4" / MODEL_FILE)).graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and all(len(n.input) >= 4 and n.input[3] for n in nodes)  # zero points present
+    assert {onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute
+            if a.name == "accuracy_level"} == {4}
+    assert _top1_agreement(art.path / "int4", torch_ref) >= 0.3  # random weights, like rtn (~0.5)
 
 
 def test_config_is_frozen_and_documented():
@@ -191,7 +275,7 @@ def test_derived_types_only_with_external_data(hf, monkeypatch):
     """Without fp32 in types the gate still runs on a temporary base; large graphs use external data."""
     monkeypatch.setattr(ex, "_PROTOBUF_LIMIT", 16)  # every derived graph counts as large
     types = ("fp16", "int8", "int4")
-    art = ex.run(hf, ex.Config(types=types), hf.path.parent / "derived")
+    art = ex.run(hf, ex.Config(types=types, **NO_MIN), hf.path.parent / "derived")
     assert sorted(p.name for p in art.path.iterdir() if p.is_dir()) == sorted(types)
     assert art.metrics["fp32_gate"]["greedy_match"] == 1.0 and set(art.metrics["types"]) == set(types)
     artifact.load(art.path, kind="onnx")  # external data files are hashed like the rest
@@ -203,3 +287,43 @@ def test_derived_types_only_with_external_data(hf, monkeypatch):
         res = rt.generate([1, 40, 41], 4)
         assert len(res.tokens) == 4 or res.stopped_at_eos
         rt.close()
+
+
+def test_check_graph_rejects_corrupt_and_unopenable_models(exported, tmp_path):
+    from edgeft.stages import onnx_quant
+
+    onnx_quant.check_graph(exported.path / "int4")  # checker by path + an onnxruntime session
+    bad = tmp_path / "bad"
+    shutil.copytree(exported.path / "int8", bad)
+    data = (bad / MODEL_FILE).read_bytes()
+    (bad / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(StageFailure, match=f"{MODEL_FILE}: (fails onnx.checker|onnxruntime cannot open it)"):
+        onnx_quant.check_graph(bad)
+
+
+def test_torch_references_catch_a_runtime_that_strays_from_torch_greedy(exported, torch_ref, tiny_llama_dir):
+    """One torch pass verifies the fp32 runtime's greedy proposal; a token torch would not pick fails the gate."""
+    ids, new, _ = torch_ref[0]
+    prompt = onnx_parity.Prompt("text:x", ids, "")
+
+    class Strays:  # the fp32 runtime, except that its 2nd greedy token is replaced
+        def __init__(self):
+            self.rt = OnnxRuntime(exported.path / "fp32")
+            self.eos_ids = self.rt.eos_ids
+
+        def generate(self, prompt_ids, n):
+            res = self.rt.generate(prompt_ids, n)
+            toks = list(res.tokens)
+            toks[1] = (toks[1] + 7) % 384
+            return dataclasses.replace(res, tokens=toks)
+
+        def logits(self, seq):
+            return self.rt.logits(seq)
+
+    liar = Strays()
+    honest = onnx_parity.torch_references(tiny_llama_dir, [prompt], liar.rt, N_NEW, 0)[0]
+    assert honest.tokens == new and honest.logits.shape[0] == len(ids) + len(new)
+    ref = onnx_parity.torch_references(tiny_llama_dir, [prompt], liar, 16, 0)[0]
+    assert ref.tokens == new[:2]  # torch's own 2nd token ends the reference
+    with pytest.raises(StageFailure, match="parity prompt text:x at new token 1: torch .* not a near-tie"):
+        onnx_parity.gate(liar, [ref], "fp32", 16, 0.0, exported.path / "fp32")

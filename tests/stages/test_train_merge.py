@@ -95,3 +95,22 @@ def test_qlora_on_cuda_end_to_end(tiny_llama_dir, data_art, tmp_path):
     assert art.metrics["peak_cuda_mb"] > 0
     m = merge.run(art, merge.Config(), tmp_path / "m")
     assert m.metrics["change_vs_base"] > 1e-3
+
+
+def test_packing_eval_curve_and_plot_through_the_stage(tiny_llama_dir, data_art, tmp_path):
+    cfg = train.Config(method="lora", packing=True, eval_every=4, **FAST)
+    art = train.run(str(tiny_llama_dir), cfg, tmp_path / "t", data=data_art)
+    m = art.metrics
+    assert m["packing"] and [s for s, _ in m["eval_curve"]] == [4, 8] and m["eval_loss"] == m["eval_curve"][-1][1]
+    assert m["tokens_per_s"] > 0 and m["peak_rss_mb"] > 0 and m["train_loss"] < m["loss_curve"][0][1]
+    assert (art.path / "loss.png").stat().st_size > 1000
+    merged = merge.run(art, merge.Config(), tmp_path / "m")  # the adapter works outside the packed loop
+    assert merged.metrics["merge_max_abs_diff"] <= 1e-4
+
+
+def test_refuses_early_stopping_without_evals(tiny_llama_dir, data_art, tmp_path):
+    with pytest.raises(UserError, match="early_stop_patience needs train.eval_every"):
+        train.run(str(tiny_llama_dir), train.Config(early_stop_patience=2), tmp_path / "t", data=data_art)
+    with pytest.raises(UserError, match="save_every"):
+        train.run(str(tiny_llama_dir), train.Config(save_every=-1), tmp_path / "t", data=data_art)
+    assert not (tmp_path / "t").exists()

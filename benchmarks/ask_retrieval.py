@@ -1,0 +1,65 @@
+"""Does putting the retrieved manual passage into the prompt help `edgeft ask`? Measures, never asserts.
+
+Runs a bundle's model over the eval questions of a data artifact three ways through the same device
+code path (edgeft.device.ask.Asker): retrieval off (the baseline), `cite` (same answers, passage
+cited) and `prompt` (the passage in a system turn). Prints key-fact accuracy, exact match and
+rouge_l per mode, the ratio of each to the baseline, and the share of questions whose top BM25
+passage holds the answer's key fact; writes JSON.
+
+    python benchmarks/ask_retrieval.py dist/jetson runs/demo/data --n 120 --out runs/benchmarks/ask_retrieval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from edgeft.bench import metrics as M
+from edgeft.data import read_jsonl
+from edgeft.device.ask import Asker
+from edgeft.device.bundle import open_bundle
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("data", type=Path, help="data artifact dir (eval.jsonl)")
+    ap.add_argument("--n", type=int, default=120, help="eval questions (spread over the split)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("runs/benchmarks/ask_retrieval.json"))
+    args = ap.parse_args()
+    recs = [r for r in read_jsonl(args.data / "eval.jsonl") if r.get("key")]
+    step = max(1, len(recs) // args.n)
+    recs = recs[::step][: args.n]
+    bundle = open_bundle(args.bundle)
+    results = {}
+    for mode in ("off", "cite", "prompt"):
+        asker = Asker(bundle, retrieval=mode, threads=args.threads)
+        scores = {"key_fact": [], "exact_match": [], "rouge_l": [], "passage_has_key": []}
+        t0 = time.perf_counter()
+        for r in recs:
+            q = next(m["content"] for m in r["messages"] if m["role"] == "user")
+            ans = asker.ask(q)
+            scores["key_fact"].append(M.key_fact(ans.text, r["key"]))
+            scores["exact_match"].append(M.exact_match(ans.text, r["answer"]))
+            scores["rouge_l"].append(M.rouge_l(ans.text, r["answer"]))
+            if mode != "off":
+                scores["passage_has_key"].append(float(ans.hit is not None and r["key"] in ans.hit.passage.text))
+        asker.close()
+        results[mode] = {k: round(sum(v) / len(v), 4) for k, v in scores.items() if v}
+        results[mode]["seconds"] = round(time.perf_counter() - t0, 2)
+    base = results["off"]
+    for mode in ("cite", "prompt"):
+        for k in ("key_fact", "exact_match", "rouge_l"):
+            results[mode][f"{k}_vs_off"] = round(results[mode][k] / base[k], 3) if base[k] else None
+    out = {"bundle": str(args.bundle), "variant": bundle.spec["variant"]["name"], "questions": len(recs),
+           "results": results}
+    print(json.dumps(out, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

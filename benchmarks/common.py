@@ -1,0 +1,154 @@
+"""Shared by the benchmarks: real-size Llama-style models with random weights, built offline.
+
+`build_random_model(out_dir, name)` writes a transformers model dir (config.json, sharded fp32
+safetensors + index, a 32,000-piece SentencePiece BPE tokenizer) for one of MODELS. Weights come
+from a seeded generator, so the same name gives the same bytes. The tokenizer is trained once on
+local text (the Python standard library sources of the running interpreter: a few MB of prose and
+code, enough for a real 32k vocab) and cached under ~/.cache/edgeft (or $EDGEFT_HOME).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+from pathlib import Path
+
+VOCAB = 32000
+# Llama-style shapes. 0.35b: hidden 1024, 24 layers (335M params); 1.1b: TinyLlama-1.1B's shape.
+MODELS = {
+    "0.35b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                  num_key_value_heads=4, max_position_embeddings=2048),
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, max_position_embeddings=2048),
+}
+_SHARD_BYTES = 2 << 30  # safetensors shard size: keeps the builder's own peak memory near one shard
+_INIT_STD = 0.02  # the usual Llama initializer range
+_TOKENIZER_TEXT_BYTES = 12 << 20  # stdlib text fed to the tokenizer trainer
+
+
+def cache_dir() -> Path:
+    """edgeft's cache root ($EDGEFT_HOME or ~/.cache/edgeft)."""
+    return Path(os.environ.get("EDGEFT_HOME") or Path.home() / ".cache" / "edgeft")
+
+
+def build_random_model(out_dir: str | Path, name: str) -> Path:
+    """Write the random-weight Llama-style model `name` ('0.35b' or '1.1b') to `out_dir`; return it."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir = benchmark_tokenizer()
+    for f in tok_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+    cfg = LlamaConfig(vocab_size=VOCAB, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=False, torch_dtype="float32", architectures=["LlamaForCausalLM"],
+                      **MODELS[name])
+    cfg.save_pretrained(out)
+    gen = torch.Generator().manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+    weight_map, shard, shard_bytes, shards = {}, {}, 0, []
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        fname = f"model-{len(shards) + 1:05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        shards.append(fname)
+        weight_map.update({k: fname for k in shard})
+        shard, shard_bytes = {}, 0
+
+    for tname, shape in _tensor_shapes(cfg):
+        if len(shape) == 1:
+            t = torch.ones(shape)  # RMSNorm weights start at 1
+        else:
+            t = torch.empty(shape).normal_(0.0, _INIT_STD, generator=gen)
+        shard[tname] = t
+        shard_bytes += t.numel() * 4
+        if shard_bytes >= _SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    total = sum((out / s).stat().st_size for s in shards)
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return out
+
+
+def n_params(name: str) -> int:
+    """Parameter count of MODELS[name]."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=False, **MODELS[name])
+    total = 0
+    for _, shape in _tensor_shapes(cfg):
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def benchmark_tokenizer() -> Path:
+    """A 32k SentencePiece BPE tokenizer dir trained on stdlib text, built once and cached."""
+    from edgeft.demo.tokenizer import train_tokenizer
+
+    files = _stdlib_files()
+    key = hashlib.sha256(f"{VOCAB}|{sys.version}|{len(files)}".encode()).hexdigest()[:12]
+    out = cache_dir() / f"bench-tokenizer-{key}"
+    if (out / "tokenizer.json").is_file():
+        return out
+    texts, size = [], 0
+    for f in files:
+        for line in f.read_text(errors="replace").splitlines():
+            line = line.strip()
+            if len(line) > 3:
+                texts.append(line[:2000])
+                size += len(line)
+        if size > _TOKENIZER_TEXT_BYTES:
+            break
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train_tokenizer(texts, VOCAB, tmp)
+    tmp.rename(out)
+    return out
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _stdlib_files() -> list[Path]:
+    lib = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    skip = ("site-packages", "test", "idlelib", "lib2to3")
+    return sorted(p for p in lib.rglob("*.py") if not any(s in p.relative_to(lib).parts for s in skip))
+
+
+def _tensor_shapes(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """HF Llama tensor names and shapes, in the order save_pretrained writes them."""
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hd = h // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * hd
+    out = [("model.embed_tokens.weight", (v, h))]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
+                (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
+                (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
+                (p + "mlp.down_proj.weight", (h, f))]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    return out
+
+
+if __name__ == "__main__":
+    print(build_random_model(sys.argv[1], sys.argv[2]))

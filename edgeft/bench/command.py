@@ -1,0 +1,92 @@
+"""`edgeft bench`: measure bundles / artifact dirs / model files on this machine, or gate finished reports.
+
+Torch-free unless a torch model dir is passed. The measurement lands in a bench artifact (report
+files + manifest, atomic); `--select` then prints the variant the profile's gate picks, or fails
+with the closest miss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from edgeft import artifact
+from edgeft.bench import report, targets
+from edgeft.bench.harness import Config, run_bench
+from edgeft.constants import KIND_BENCH, REPORT_MD
+from edgeft.errors import UserError
+
+
+def config_for(profile, samples: int | None = None, repeats: int | None = None,
+               max_new_tokens: int | None = None) -> Config:
+    """The harness config for a device profile, with the command line's sample/repeat counts.
+
+    The budgets stay at their defaults: they gate (`--select`), they do not change what is measured,
+    so a changed budget reuses the finished measurement.
+    """
+    cfg = Config(threads=profile.threads, max_samples=profile.bench_samples, n_ctx=profile.context_length,
+                 bandwidth_gbs=profile.bandwidth_gbs, n_gpu_layers=profile.n_gpu_layers,
+                 onnx_provider=profile.onnx_provider, kv_cache_type=getattr(profile, "kv_cache_type", "f16"))
+    for key, v in (("max_samples", samples), ("repeats", repeats), ("max_new_tokens", max_new_tokens)):
+        if v is not None:
+            cfg = dataclasses.replace(cfg, **{key: v})
+    return cfg
+
+
+def load_profile(name: str | None, paths: list[Path], overrides: dict):
+    """The named profile; without a name, the profile a bundle among `paths` was built for (else x86-cpu)."""
+    from edgeft import profile
+    from edgeft.config import from_dict
+    from edgeft.constants import BUNDLE_FILE
+
+    bundle = next((Path(p) / BUNDLE_FILE for p in paths if (Path(p) / BUNDLE_FILE).is_file()), None)
+    if name is not None or bundle is None:
+        return profile.load(name or "x86-cpu", overrides)
+    raw = {**json.loads(bundle.read_text())["profile"], **overrides}
+    prof = from_dict(profile.Profile, raw, str(bundle))
+    profile.validate(prof, str(bundle))
+    return prof
+
+
+def run(paths: list[Path], profile, *, eval_path: Path | None, out: Path | None, heldout: Path | None = None,
+        tokenizer: Path | None = None, cfg: Config | None = None) -> list[dict]:
+    """Measure the variants in `paths` into the bench artifact `out`, or return the records of finished reports."""
+    t = targets.discover(paths)
+    if not t.variants:
+        if not t.reports:
+            raise UserError("bench: nothing to measure; pass a bundle, artifact dirs or model files")
+        return [r for rep in t.reports for r in rep]
+    if eval_path is None or out is None:
+        raise UserError("bench: measuring variants needs --eval (a JSONL or a data artifact dir) and --out DIR")
+    tok = Path(tokenizer) if tokenizer else t.tokenizer_dir
+    if tok is None or not (tok / "tokenizer.json").is_file():
+        raise UserError("bench: no tokenizer.json beside the variants; pass --tokenizer DIR (the tuned model "
+                        "or export artifact dir)")
+    records_in, text = targets.eval_set(eval_path, heldout)
+    cfg = cfg or config_for(profile)
+    inputs = {"variants": {v.name: str(Path(v.path).resolve()) for v in t.variants},
+              "eval_sha256": artifact.sha256_file(_eval_file(eval_path)), "heldout_chars": len(text),
+              "tokenizer": str(tok.resolve())}
+
+    def payload(tmp: Path) -> dict:
+        recs = run_bench(t.variants, records_in, tok, cfg, tmp / "work", text)
+        for f in (tmp / "work").iterdir():
+            f.unlink()
+        (tmp / "work").rmdir()
+        ref = t.variants[0]
+        note = [f"reference for top1_agreement / kld: {ref.name} (the first variant given)"]
+        report.write(recs, tmp, "", note)
+        return {"variants": len(recs), "samples": cfg.max_samples, "reference": ref.name}
+
+    art = artifact.build(out, kind=KIND_BENCH, stage="bench", params=cfg, parent=None, payload=payload,
+                         inputs=inputs)
+    print((art.path / REPORT_MD).read_text(), flush=True)
+    return json.loads((art.path / "report.json").read_text()) + [r for rep in t.reports for r in rep
+                                                                   if r.get("name") == "tuned"]
+
+
+def _eval_file(p: Path) -> Path:
+    from edgeft.constants import EVAL_FILE
+
+    return p / EVAL_FILE if Path(p).is_dir() else Path(p)

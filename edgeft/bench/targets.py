@@ -1,0 +1,116 @@
+"""What `edgeft bench` measures: variants found in bundles, artifact dirs, model dirs or .gguf files.
+
+Torch-free. A torch model dir (hf artifact) is accepted on the build host only; on a device the
+variants are GGUF files and ONNX model dirs, and the first one given is the reference for the
+teacher-forced agreement and KL.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeft.bench.harness import Variant
+from edgeft.constants import (BUNDLE_FILE, BUNDLE_MODEL_DIR, EVAL_FILE, KIND_BENCH, KIND_DATA, KIND_GGUF,
+                              KIND_HF, KIND_ONNX, MANIFEST_NAME, MANUAL_HELDOUT_FILE, REPORT_JSON)
+from edgeft.errors import UserError
+
+
+@dataclass
+class Targets:
+    """Variants to measure, the tokenizer to feed them, and reports already written (bench dirs, bundles)."""
+
+    variants: list[Variant]
+    tokenizer_dir: Path | None
+    reports: list[list[dict]]
+
+
+def export_variants(kind: str, path: Path) -> list[Variant]:
+    """One variant per .gguf file or onnx model dir in an export artifact dir."""
+    if kind == KIND_GGUF:
+        return [Variant(f"gguf-{p.stem.split('-', 1)[-1]}", "gguf", p.stem.split("-", 1)[-1], str(p))
+                for p in sorted(path.glob("*.gguf"))]
+    return [Variant(f"onnx-{p.parent.name}", "onnx", p.parent.name, str(p.parent))
+            for p in sorted(path.glob("*/model.onnx"))]
+
+
+def discover(paths: list[Path]) -> Targets:
+    """Variants from every path; a bench artifact dir or a bundle's report adds its records instead."""
+    t = Targets([], None, [])
+    for p in paths:
+        found, tok = _one(Path(p), t)
+        for v in found:
+            if v.format == "torch" and not any(x.format == "torch" for x in t.variants):
+                v = Variant("tuned", v.format, v.quant, v.path)  # the first torch model is the reference
+            if any(x.name == v.name for x in t.variants):
+                v = Variant(f"{v.name}@{Path(v.path).parent.name}", v.format, v.quant, v.path)
+            t.variants.append(v)
+        if t.tokenizer_dir is None and tok is not None and (tok / "tokenizer.json").is_file():
+            t.tokenizer_dir = tok
+    return t
+
+
+def eval_set(path: Path, heldout: Path | None) -> tuple[list[dict], str]:
+    """Eval records and held-out manual text from a data artifact dir or a JSONL file (+ a .txt)."""
+    from edgeft.data import load_records, read_jsonl
+
+    path = Path(path)
+    text = ""
+    if path.is_dir():
+        kind = _kind(path)
+        if kind != KIND_DATA:
+            raise UserError(f"--eval: {path} is not a data artifact (kind {kind}); pass its eval JSONL or "
+                            "the run's data dir")
+        records = read_jsonl(path / EVAL_FILE)
+        if (path / MANUAL_HELDOUT_FILE).is_file():
+            text = (path / MANUAL_HELDOUT_FILE).read_text()
+    else:
+        records = load_records(path)
+    if heldout is not None:
+        if not Path(heldout).is_file():
+            raise UserError(f"--heldout: file not found: {heldout}")
+        text = Path(heldout).read_text(encoding="utf-8")
+    return records, text
+
+
+def _one(p: Path, t: Targets) -> tuple[list[Variant], Path | None]:
+    if p.is_file() and p.suffix == ".gguf":
+        q = p.stem.split("-", 1)[-1]
+        return [Variant(f"gguf-{q}", "gguf", q, str(p))], p.parent
+    if not p.is_dir():
+        raise UserError(f"bench: {p}: not a .gguf file or a directory; pass a bundle, an artifact dir, "
+                        "an ONNX model dir or a .gguf file")
+    if (p / BUNDLE_FILE).is_file():
+        spec = json.loads((p / BUNDLE_FILE).read_text())["variant"]
+        if (p / REPORT_JSON).is_file():
+            t.reports.append(json.loads((p / REPORT_JSON).read_text()))
+        return [Variant(spec["name"], spec["format"], spec["quant"], str(p / spec["path"]))], p / BUNDLE_MODEL_DIR
+    kind = _kind(p)
+    if kind == KIND_BENCH:
+        t.reports.append(json.loads((p / REPORT_JSON).read_text()))
+        return [], None
+    if kind in (KIND_GGUF, KIND_ONNX):
+        vs = export_variants(kind, p)
+        return vs, (p if kind == KIND_GGUF else (Path(vs[0].path) if vs else p))
+    if kind == KIND_DATA:
+        raise UserError(f"bench: {p} is a data artifact; pass it as --eval")
+    if (p / "model.onnx").is_file():
+        return [Variant(f"onnx-{p.name}", "onnx", p.name, str(p))], p
+    if kind == KIND_HF or ((p / "config.json").is_file() and any(p.glob("*.safetensors"))):
+        return [Variant(p.name, "torch", "fp32", str(p))], p
+    vs = export_variants(KIND_GGUF, p) + export_variants(KIND_ONNX, p)
+    if not vs:
+        raise UserError(f"bench: {p}: no bundle.json, manifest, .gguf file or */model.onnx found; pass a bundle, "
+                        "an export artifact dir or a model file")
+    return vs, p
+
+
+def _kind(p: Path) -> str | None:
+    m = p / MANIFEST_NAME
+    if not m.is_file():
+        return None
+    try:
+        return json.loads(m.read_text()).get("kind")
+    except json.JSONDecodeError:
+        raise UserError(f"{m}: corrupt manifest; rebuild the artifact") from None

@@ -1,0 +1,106 @@
+"""The field team's README and the runner script written into every bundle."""
+
+from __future__ import annotations
+
+from edgeft.bench.report import markdown
+from edgeft.constants import BUNDLE_FILE, BUNDLE_RUNNER, REPORT_MD
+
+_COLUMNS = ["name", "format", "quant", "size_bytes", "decode_tok_s", "predicted_decode_tok_s", "peak_rss_mb",
+            "predicted_footprint_mb", "rouge_l", "exact_match", "top1_agreement"]
+
+
+def readme(spec: dict, records: list[dict]) -> str:
+    """Markdown: what is in the bundle, how to install and run it, and what the numbers mean."""
+    prof, sel, var, rt = spec["profile"], spec["selected"], spec["variant"], spec["runtime"]
+    pre = spec["preflight"]["chosen"]
+    host = spec["built_on"]
+    gpu = (f"llama.cpp offloads {'all' if rt['n_gpu_layers'] == -1 else rt['n_gpu_layers']} layers to the GPU"
+           if var["format"] == "gguf" and rt["n_gpu_layers"] else
+           f"onnxruntime runs on {rt['onnx_provider']}" if var["format"] == "onnx" else "llama.cpp runs on the CPU")
+    cols = [c for c in _COLUMNS if any(c in r for r in records)]
+    lines = [
+        f"# {prof['name']} bundle: {var['name']}",
+        "",
+        f"{prof['description']}".strip(),
+        "",
+        f"The model answers questions about the service manual it was tuned on. This bundle runs the "
+        f"**{var['format'].upper()} {var['quant']}** variant ({sel['size_bytes'] / 2**20:.1f} MiB); {gpu}, "
+        f"{rt['threads']} CPU thread{'s' if rt['threads'] != 1 else ''}, up to {rt['n_ctx']} tokens of context.",
+        "",
+        "## Install (once, on the device)",
+        "",
+        "```sh",
+        prof["install"],
+        "```",
+        "",
+        "No PyTorch is needed: the device side uses numpy, tokenizers and the runtime above.",
+        "",
+        "## Run",
+        "",
+        "```sh",
+        f"./{BUNDLE_RUNNER} \"{spec.get('example_question', 'your question')}\"",
+        "    # one answer, with the manual passage it used",
+        f"./{BUNDLE_RUNNER}                      # interactive: one question per line, Ctrl-D ends",
+        "edgeft ask --retrieval off . \"...\"    # the model alone, no manual lookup",
+        "edgeft doctor .                       # runtimes, GPU, memory and a 10 s speed check",
+        "```",
+        "",
+        "Every run first checks the sha256 of every file against `manifest.json` and refuses a bundle "
+        "with a changed, missing or extra model file (copy the bundle again if that happens).",
+        "",
+        "## What the numbers mean",
+        "",
+        f"- **Chosen by the gate:** the smallest variant that keeps at least {prof['accuracy_budget']:.0%} of the "
+        f"tuned model's rouge_l on held-out questions and fits the {prof['memory_budget_gb']:g} GiB memory budget. "
+        f"This one keeps {_pct(sel.get('accuracy_kept'))} (rouge_l {_num(sel.get('rouge_l'))}, exact match "
+        f"{_num(sel.get('exact_match'))}).",
+        f"- **Memory on the device (pre-flight estimate):** {pre['total_gb']:.3g} GiB = weights "
+        f"{pre['weights_gb']:.3g} + KV cache {pre['kv_cache_gb']:.3g} at {pre['context_length']} tokens + runtime "
+        f"{pre['overhead_gb']:.3g}, against a budget of {pre['budget_gb']:g} GiB.",
+        f"- **Speed on the device (predicted):** at most {pre['predicted_decode_tok_s']:.0f} tokens/s, from "
+        f"{prof['bandwidth_gbs']:g} GB/s of memory bandwidth divided by the bytes read per token; real "
+        "decoding typically reaches 60-80% of this bound. `edgeft doctor .` measures it on the device.",
+        f"- **Speed measured on the build host:** {_num(sel.get('decode_tok_s'))} tokens/s decode, "
+        f"{_num(sel.get('ttft_ms'))} ms to the first token ({host['cpu']}, {rt['threads']} threads). "
+        "A different machine: compare with `edgeft doctor`, not with this figure.",
+        "- **Accuracy columns:** exact_match and rouge_l compare answers with the manual's reference "
+        "answers; top1_agreement is the share of answer tokens where this variant's top choice equals the "
+        "tuned model's.",
+        "",
+        "## Every variant built for this profile (bench on the build host)",
+        "",
+        markdown(records, cols).rstrip(),
+        "",
+        f"Full report: `{REPORT_MD}` and `report.json`; settings the runner uses: `{BUNDLE_FILE}`.",
+        "",
+    ]
+    notes = spec["preflight"].get("notes") or []
+    if notes:
+        lines += ["## Pre-flight", "", *[f"- {n.removeprefix('pre-flight: ')}" for n in notes], ""]
+    return "\n".join(lines)
+
+
+def runner() -> str:
+    """A POSIX shell runner: ask the bundle it sits in (interactive without a question)."""
+    return """#!/bin/sh
+# Ask this bundle's model: ./run.sh "question"  (no question: interactive). Needs: pip install 'edgeft[device]'
+here="$(cd "$(dirname "$0")" && pwd)"
+if command -v edgeft >/dev/null 2>&1; then
+  exec edgeft ask "$here" "$@"
+fi
+if python3 -c "import edgeft" >/dev/null 2>&1; then
+  exec python3 -m edgeft.cli ask "$here" "$@"
+fi
+echo "edgeft is not installed: see $here/README.md (Install)" >&2
+exit 2
+"""
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,197 @@
+"""The GGUF parity gate: llama.cpp (in a subprocess) against the HF tokenizer and PyTorch FP32.
+
+A malformed GGUF can abort the process that loads it, so every file is loaded in a fresh
+interpreter. Every file must load and generate; on the gate file (F16, else the first float file,
+else the first) llama.cpp's tokenization must equal the HF tokenizer's and its logits must stay
+within the type's tolerance of PyTorch FP32, with greedy tokens differing only at near-ties. A
+LoRA adapter file, when given, is applied over every file at run time (the shipped pair).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import StageFailure
+
+# Gate tolerance: max |logit - torch| / max |torch logit| for the gate file (F16 KV cache, as deployed).
+# Observed on the tiny test Llama: f32 1.1e-3, f16 1.9e-3, bf16 1.4e-2; a q/k permutation bug gives ~1.
+_REL_TOL = {"f32": 0.01, "f16": 0.02, "bf16": 0.08}
+# Tokenization samples: digits, punctuation, newlines, tabs, non-ASCII. None starts with a space:
+# HF's fast Metaspace drops one "▁" of leading whitespace where SentencePiece and llama.cpp keep it.
+GATE_TEXTS = ("Hello world", "Fault code E-1024: replace the pump.\nTorque 45 Nm, every 12000 km.",
+              "Step 1:\tcheck the valve\n\nStep 2: café ✓ 日本", "x = (a + b) * 3.14;")
+GATE_PROMPTS = ("The quick brown fox", "Question: what is the torque?\nAnswer:")
+_GATE_NEW_TOKENS = 24  # greedy tokens per prompt: long enough for the demo's answers to reach EOS
+_CHILD_TIMEOUT_S = 900
+
+
+def parity_gate(hf_dir: Path, files: dict[str, Path], tmp: Path, lora: Path | None = None,
+                evals: list[dict] | None = None, min_top1: dict[str, float] | None = None) -> dict:
+    """Load every file in a subprocess; check the gate file's tokenization and logits against HF/torch.
+
+    `hf_dir` is the reference model (the merged one when `lora` is applied over the files). `evals`
+    ({"prompt": text, "ids": prompt ids, "full": prompt + answer ids, "start": first answer index})
+    adds, per eval conversation: llama.cpp's tokenization of the prompt text, and teacher-forced
+    top-1 agreement and KL(torch || llama.cpp) on the answer tokens (as the bench measures them) of
+    every file, held to `min_top1[type]`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    evals = evals or []
+    # greedy paths on the fixed prompts and every eval prompt, checked where torch was decisive
+    prompts = [tok(p).input_ids for p in GATE_PROMPTS] + [e["ids"] for e in evals]
+    results = run_child(files, prompts, tmp, lora, evals)
+    gate_type = next((t for t in ("f16", "f32", "bf16") if t in files), next(iter(files)))
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    report: dict = {"gate_file": files[gate_type].name, "files": {}}
+    for t, res in results.items():
+        report["files"][t] = _compare_logits(model, prompts, res, tmp / f"logits-{t}.npz")
+    problems = _tokenization_problems(tok, results[gate_type])
+    if evals:
+        problems += _eval_tokenization_problems(evals, results[gate_type])
+        report["eval_prompts"] = len(evals)
+        for t, res in results.items():  # generation must end at EOS as torch's does (the bench counts on it)
+            report["files"][t]["eval_eos_stops"] = sum(res["stopped"][len(GATE_PROMPTS):])
+        with torch.no_grad():
+            refs = [model(torch.tensor([e["full"]])).logits[0].float().numpy() for e in evals]
+        spans = [(e["start"] - 1, len(e["full"]) - 1) for e in evals]  # the rows that predict the answer
+        for t in results:
+            report["files"][t].update(_teacher_forced(refs, spans, tmp / f"tf-{t}.npz"))
+            need = (min_top1 or {}).get(t)
+            got = report["files"][t]["tf_top1_agreement"]
+            if need is not None and got < need:
+                problems.append(f"{files[t].name}: teacher-forced top-1 agreement {got:.4f} < {need} on "
+                                f"{len(evals)} eval conversations (KL {report['files'][t]['tf_kld']:.4g}); use a "
+                                "wider type, export_gguf.imatrix=true, or lower export_gguf.min_top1_*")
+    report["tokenization_match"] = not any("tokeniz" in p for p in problems)
+    g, tol = report["files"][gate_type], _REL_TOL.get(gate_type)
+    if tol is not None and g["rel_logit_diff"] > tol:
+        problems.append(f"logits differ from torch fp32 by {g['rel_logit_diff']:.3g} relative "
+                        f"(tolerance {tol}): a tensor layout or metadata problem "
+                        "(rope, q/k permutation, norms)")
+    if tol is not None and g["decisive_mismatches"]:
+        problems.append(f"greedy tokens differ from torch fp32 where torch was decisive: "
+                        f"{g['decisive_mismatches'][:3]}")
+    if problems:
+        raise StageFailure(f"GGUF parity gate failed on {files[gate_type].name}: " + "; ".join(problems))
+    return report
+
+
+def _tokenization_problems(tok, res: dict) -> list[str]:
+    """llama.cpp ids vs the HF tokenizer's, without and with special tokens (BOS/EOS flags)."""
+    for i, text in enumerate(GATE_TEXTS):
+        for hf, llama in ((tok(text, add_special_tokens=False).input_ids, res["tokens"][i]),
+                          (tok(text).input_ids, res["tokens_special"][i])):
+            if hf != llama:
+                return [f"tokenization of {text!r} differs from the HF tokenizer: HF {hf}, llama.cpp {llama} "
+                        "(check add_bos/add_eos, the space prefix and the SentencePiece normalizer)"]
+    return []
+
+
+def _eval_tokenization_problems(evals: list[dict], res: dict) -> list[str]:
+    for e, llama in zip(evals, res["eval_tokens"]):
+        if llama != e["ids"]:
+            return [f"tokenization of eval prompt {e['prompt']!r} differs from the HF tokenizer: HF {e['ids']}, "
+                    f"llama.cpp {llama}"]
+    return []
+
+
+def _teacher_forced(refs: list[np.ndarray], spans: list[tuple[int, int]], npz: Path) -> dict:
+    """Top-1 agreement and mean KL(torch || llama.cpp) over the answer positions of the eval conversations."""
+    agree = total = 0
+    kl_sum = 0.0
+    with np.load(npz) as saved:
+        for i, (s, e) in enumerate(spans):
+            ref, got = refs[i][s:e], saved[f"arr_{i}"][s:e]
+            agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+            total += ref.shape[0]
+            lp, lq = _log_softmax(ref.astype(np.float64)), _log_softmax(got.astype(np.float64))
+            kl_sum += float(np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0).sum())
+    return {"tf_top1_agreement": agree / total if total else 1.0, "tf_kld": kl_sum / total if total else 0.0,
+            "tf_positions": total}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _compare_logits(model, prompts: list[list[int]], res: dict, npz: Path) -> dict:
+    """llama.cpp logits and greedy path vs torch fp32 teacher-forced on the same ids."""
+    import torch
+
+    worst, scale, agree, total, decisive = 0.0, 0.0, 0, 0, []
+    with np.load(npz) as saved:
+        for i, (prompt, greedy) in enumerate(zip(prompts, res["greedy"])):
+            seq = prompt + greedy
+            with torch.no_grad():
+                ref = model(torch.tensor([seq])).logits[0].float().numpy()
+            got = saved[f"arr_{i}"]
+            err = float(np.abs(got - ref).max())
+            worst, scale = max(worst, err), max(scale, float(np.abs(ref).max()))
+            rows = ref[len(prompt) - 1:len(seq) - 1]  # the rows that chose each generated token
+            for j, token in enumerate(greedy):
+                best = int(rows[j].argmax())
+                total += 1
+                agree += best == token
+                # a greedy difference is explained by numerics only where torch's margin is within 2x err
+                if best != token and rows[j, best] - rows[j, token] > 2 * err:
+                    decisive.append({"prompt": i, "position": j, "torch": best, "llama_cpp": token})
+    return {"max_abs_logit_diff": worst, "rel_logit_diff": worst / scale if scale else 0.0,
+            "top1_agreement": agree / total if total else 1.0, "greedy_tokens": total,
+            "decisive_mismatches": decisive}
+
+
+def run_child(files: dict[str, Path], prompts: list[list[int]], tmp: Path,
+              lora: Path | None = None, evals: list[dict] | None = None) -> dict[str, dict]:
+    """Run _child_main in a fresh interpreter; a crash names the file that was loading."""
+    job = {"files": {t: str(p) for t, p in files.items()}, "texts": list(GATE_TEXTS),
+           "prompts": prompts, "max_new": _GATE_NEW_TOKENS, "out": str(tmp),
+           "lora": str(lora) if lora else None, "eval_texts": [e["prompt"] for e in evals or []],
+           "eval_full": [e["full"] for e in evals or []]}
+    code = "from edgeft.gguf_parity import child_main; child_main()"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True,
+                              text=True, timeout=_CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise StageFailure(f"the llama.cpp parity check did not finish in {_CHILD_TIMEOUT_S} s") from None
+    results, loading = {}, None
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            msg = json.loads(line)
+            if "loading" in msg:
+                loading = msg["loading"]
+            else:
+                results[msg["type"]] = msg
+    if proc.returncode != 0 or len(results) != len(files):
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise StageFailure(f"llama.cpp could not load or run {files.get(loading, loading)} "
+                           f"(exit code {proc.returncode}):\n{tail}")
+    return results
+
+
+def child_main() -> None:
+    """Subprocess side of the gate: per file, tokenize the texts, generate greedily, save logits."""
+    from edgeft.runtime.gguf import GGUFRuntime
+
+    job = json.loads(sys.stdin.read())
+    n_ctx = max([len(p) + job["max_new"] for p in job["prompts"]] + [len(f) for f in job["eval_full"]])
+    for t, path in job["files"].items():
+        print(json.dumps({"loading": t}), flush=True)
+        with GGUFRuntime(path, n_threads=1, n_ctx=n_ctx, lora_path=job["lora"]) as rt:
+            gens = [rt.generate(p, job["max_new"]) for p in job["prompts"]]
+            greedy = [g.tokens for g in gens]
+            logits = [rt.logits(p + g) for p, g in zip(job["prompts"], greedy)]
+            np.savez(Path(job["out"]) / f"logits-{t}.npz", *logits)
+            np.savez(Path(job["out"]) / f"tf-{t}.npz", *[rt.logits(f) for f in job["eval_full"]])
+            print(json.dumps({"type": t, "greedy": greedy, "stopped": [g.stopped_at_eos for g in gens],
+                              "tokens": [rt.tokenize(s, add_bos=False) for s in job["texts"]],
+                              "tokens_special": [rt.tokenize(s, add_bos=True) for s in job["texts"]],
+                              "eval_tokens": [rt.tokenize(s, add_bos=True) for s in job["eval_texts"]]}),
+                  flush=True)

@@ -1,0 +1,71 @@
+"""Scale-out through accelerate: the same training command runs alone or under `accelerate launch`.
+
+Launched with several processes (DDP, or FSDP / DeepSpeed from an accelerate config file), every rank
+trains on its share of each step's batches; rank 0 alone writes checkpoints and the artifact.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+_ACC = None
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment; (0, 1) when run alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def launched() -> bool:
+    """Whether accelerate (or torchrun) started this process as one rank of several, or with a plugin."""
+    return world()[1] > 1 or os.environ.get("ACCELERATE_USE_FSDP") == "true" \
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+
+
+def accelerator(cpu: bool | None = None):
+    """The process's accelerate.Accelerator (created once, when launched), else None.
+
+    `cpu` (default: no CUDA visible) selects gloo over CPU tensors: accelerate otherwise treats a
+    torchrun-style launch on a machine without GPUs as a single process.
+    """
+    global _ACC
+    if _ACC is None and launched():
+        import torch
+        from accelerate import Accelerator
+
+        _ACC = Accelerator(cpu=not torch.cuda.is_available() if cpu is None else cpu)
+    return _ACC
+
+
+def is_main() -> bool:
+    """Rank 0 (or a lone process): the one that writes files."""
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when run alone)."""
+    acc = accelerator()
+    if acc is not None:
+        acc.wait_for_everyone()
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. builds a cached artifact), then the others (which find it)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """Element-wise sum of `values` over all ranks."""
+    acc = accelerator()
+    if acc is None:
+        return values
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    return acc.reduce(t, reduction="sum").tolist()

@@ -1,0 +1,144 @@
+"""Graph-level conversions of an fp32 ONNX decoder for export_onnx: fp16, int8 dynamic, int4 MatMulNBits.
+
+Each writes a standalone type dir (model.onnx + sidecars copied from the fp32 dir). `check_graph`
+validates any written model with onnx.checker on its path (the only form that works past the 2 GB
+protobuf limit, with external data) and by opening an onnxruntime session on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgeft.errors import StageFailure
+from edgeft.runtime.onnx import MODEL_FILE
+
+INT4_ALGOS = ("rtn", "hqq")  # round to nearest per block; HQQ (half-quadratic, calibration-free)
+_MATMUL_NBITS = "MatMulNBits"
+
+
+def convert_fp16(base: Path, out: Path, large: bool) -> None:
+    """fp16 everywhere (IO and KV cache included) except the norms' square and mean (they can overflow)."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    copy_sidecars(base, out)
+    # a path, not a ModelProto: the converter then runs shape inference on disk, fine past 2 GB
+    model = convert_float_to_float16(str(base / MODEL_FILE), keep_io_types=False,
+                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Pow", "ReduceMean"])
+    OnnxModel(model).topological_sort()  # the casts around blocked ops are appended out of order
+    onnx.save(model, str(out / MODEL_FILE), save_as_external_data=large,
+              all_tensors_to_one_file=True, location=MODEL_FILE + "_data")
+
+
+def quantize_int8(base: Path, out: Path, per_channel: bool, reduce_range: bool, large: bool) -> None:
+    """Dynamic int8: weights quantized offline, activations per tensor at run time (MatMul, Gather)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    copy_sidecars(base, out)
+    with quiet(""):  # a root-logger hint to pre-process: measured, no accuracy change for int8 here
+        quantize_dynamic(base / MODEL_FILE, out / MODEL_FILE, weight_type=QuantType.QInt8,
+                         per_channel=per_channel, reduce_range=reduce_range,
+                         use_external_data_format=large)
+
+
+def quantize_int4(base: Path, out: Path, *, algo: str, block_size: int, symmetric: bool,
+                  accuracy_level: int, large: bool) -> dict:
+    """Weight-only int4 as com.microsoft MatMulNBits nodes (RTN or HQQ); returns what was applied."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig,
+                                                                 MatMulNBitsQuantizer)
+
+    copy_sidecars(base, out)
+    if algo == "hqq":  # always asymmetric (it optimises scale and zero point together)
+        cfg = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",))
+    else:
+        cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                           accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+    with quiet("onnxruntime.quantization.matmul_nbits_quantizer"):  # one INFO line per node
+        quant = MatMulNBitsQuantizer(onnx.load(str(base / MODEL_FILE)), algo_config=cfg)
+        quant.process()
+        nodes = [n for n in quant.model.model.graph.node if n.op_type == _MATMUL_NBITS]
+        if algo == "hqq":  # HQQ's config has no accuracy_level: set it on the nodes it wrote
+            for n in nodes:
+                kept = [a for a in n.attribute if a.name != "accuracy_level"]
+                del n.attribute[:]
+                n.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", accuracy_level)])
+        quant.model.save_model_to_file(str(out / MODEL_FILE), use_external_data_format=large)
+    if not nodes:
+        raise StageFailure(f"{out / MODEL_FILE}: the int4 quantizer converted no MatMul to "
+                           f"{_MATMUL_NBITS} (weights not initializers?); export int8 instead")
+    return {"algo": algo, "block_size": block_size, "symmetric": symmetric if algo == "rtn" else False,
+            "accuracy_level": accuracy_level, "matmulnbits_nodes": len(nodes)}
+
+
+def check_graph(model_dir: Path, model_file: str = MODEL_FILE) -> None:
+    """onnx.checker on the file path (works past 2 GB with external data), then an onnxruntime session."""
+    import onnx
+    import onnxruntime as ort
+
+    path = model_dir / model_file
+    _register_ort_default_domain_ops()
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise StageFailure(f"{path}: fails onnx.checker: {e}") from None
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+        raise StageFailure(f"{path}: onnxruntime cannot open it: {str(e).splitlines()[0]}") from None
+
+
+def _register_ort_default_domain_ops() -> None:
+    """Give onnx.checker the schema of SimplifiedLayerNormalization, an onnxruntime op in the default domain.
+
+    The genai builder emits it (RMSNorm) in the ai.onnx domain, where onnx itself has no schema; the
+    checker would stop there and validate nothing else. com.microsoft ops are skipped by the checker.
+    """
+    from onnx import defs
+
+    try:
+        defs.get_schema("SimplifiedLayerNormalization", 1, "")
+        return
+    except defs.SchemaError:
+        pass
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    P = defs.OpSchema.FormalParameter
+    A = defs.OpSchema.Attribute
+    schema = defs.OpSchema(
+        "SimplifiedLayerNormalization", "", 1,
+        inputs=[P("X", "T"), P("scale", "V")],
+        outputs=[P("Y", "V"), P("inv_std_var", "U", param_option=defs.OpSchema.FormalParameterOption.Optional)],
+        type_constraints=[("T", floats, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", floats, "")],
+        attributes=[A("axis", defs.OpSchema.AttrType.INT, ""), A("epsilon", defs.OpSchema.AttrType.FLOAT, ""),
+                    A("stash_type", defs.OpSchema.AttrType.INT, "")])
+    defs.register_schema(schema)
+
+
+def model_bytes(model_dir: Path) -> int:
+    """Bytes of the graph and its external data files."""
+    return sum(p.stat().st_size for p in model_dir.glob(MODEL_FILE + "*") if p.is_file())
+
+
+def copy_sidecars(base: Path, out: Path) -> None:
+    """config.json and tokenizer files from the fp32 dir: every type dir runs standalone."""
+    out.mkdir(parents=True, exist_ok=True)
+    for p in base.iterdir():
+        if p.is_file() and not p.name.startswith(MODEL_FILE):
+            shutil.copy2(p, out / p.name)
+
+
+@contextmanager
+def quiet(logger_name: str):
+    """Raise one logger to ERROR for the duration (quantizers log progress at INFO/WARNING)."""
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

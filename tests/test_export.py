@@ -1,0 +1,169 @@
+"""`edgeft export` on the tiny model: pre-flight, variants, bench, gate, and the bundle it writes."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeft import artifact, profile
+from edgeft.constants import BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_README, BUNDLE_RUNNER, MANIFEST_NAME
+from edgeft.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A run dir like `edgeft run` leaves: the embedded data and a tuned hf artifact (the tiny Llama)."""
+    from edgeft import data
+
+    run = tmp_path_factory.mktemp("run")
+    data.run(None, data.Config(), run / "data")
+
+    def payload(staging: Path) -> dict:
+        for f in tiny_llama_dir.iterdir():
+            shutil.copy2(f, staging / f.name)
+        return {}
+
+    artifact.build(run / "merge", kind="hf", stage="merge", params={"model": "tiny"}, parent=None, payload=payload)
+    return run
+
+
+# random weights give flat logits: the ONNX export's top-1 gates are for trained models (see
+# tests/stages/test_export_onnx.py); here they are off, everything else runs as shipped
+NO_MIN = {"export_onnx": {"min_top1_fp16": 0.0, "min_top1_int8": 0.0, "min_top1_int4": 0.0}}
+
+
+def cheap(name: str, **over):
+    """A shipped profile with a 2-prompt bench and no accuracy gate (random weights answer nothing).
+
+    One thread: llama.cpp's spinning thread pool crawls when the test machine is oversubscribed.
+    """
+    return profile.load(name, {"bench_samples": "2", "accuracy_budget": "0", "threads": "1", **over})
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
+    """dist/tiny for the tiny model."""
+    from edgeft.export import export
+
+    out = tmp_path_factory.mktemp("dist") / "tiny"
+    export(cheap("tiny"), tiny_run, out, stage_params=NO_MIN)
+    return out
+
+
+def test_bundle_contents(tiny_bundle, tiny_run):
+    art = artifact.load(tiny_bundle, kind="bundle")  # every file's sha256 checks out
+    files = art.manifest["files"]
+    spec = json.loads((tiny_bundle / BUNDLE_FILE).read_text())
+    for name in (BUNDLE_FILE, BUNDLE_README, BUNDLE_RUNNER, "report.json", "report.md", "manual.txt",
+                 f"{BUNDLE_MODEL_DIR}/tokenizer.json", f"{BUNDLE_MODEL_DIR}/config.json"):
+        assert name in files, name
+    assert set(files) == {str(p.relative_to(tiny_bundle)) for p in tiny_bundle.rglob("*")
+                          if p.is_file() and p.name != MANIFEST_NAME}
+    var = spec["variant"]
+    assert f"{var['format']}:{var['quant']}" in profile.ladder(profile.load("tiny"))
+    assert (tiny_bundle / var["path"]).exists()
+    records = json.loads((tiny_bundle / "report.json").read_text())
+    names = {r["name"] for r in records}
+    assert {"tuned", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "onnx-fp32", "onnx-int8"} <= names
+    # the gate's choice: the smallest deployable variant within the budgets
+    from edgeft.bench.select import select
+
+    assert select(records, cheap("tiny"))["name"] == var["name"] == spec["selected"]["name"]
+    assert spec["preflight"]["chosen"]["fits"] and spec["preflight"]["chosen"]["variant"] == \
+        f"{var['format']}:{var['quant']}"
+    assert os.stat(tiny_bundle / BUNDLE_RUNNER).st_mode & stat.S_IXUSR
+    readme = (tiny_bundle / BUNDLE_README).read_text()
+    assert "pip install 'edgeft[device]'" in readme and var["name"] in readme and "tok/s" in readme
+    assert not list(tiny_bundle.parent.glob(".tmp-*"))  # nothing half-written beside it
+    assert (tiny_run / "export-tiny" / "bench" / MANIFEST_NAME).is_file()
+
+
+def test_export_rerun_is_skipped(tiny_bundle, tiny_run, capsys):
+    from edgeft.export import export
+
+    before = (tiny_bundle / MANIFEST_NAME).read_text()
+    export(cheap("tiny"), tiny_run, tiny_bundle, stage_params=NO_MIN)
+    out = capsys.readouterr().out
+    assert "[run ]" not in out and out.count("[skip]") >= 4
+    assert (tiny_bundle / MANIFEST_NAME).read_text() == before
+
+
+@pytest.mark.parametrize("name", sorted(profile.names()))
+def test_every_profile_plans_valid_exports(name, tiny_run):
+    """Fast half of the every-profile check: pre-flight passes the whole ladder and every stage config validates."""
+    from edgeft import pipeline, preflight
+
+    prof = profile.load(name)
+    fits, notes = preflight.plan(tiny_run / "merge", prof, profile.ladder(prof))
+    assert [e.variant for e in fits] == list(profile.ladder(prof))
+    for stage_name, cfg in pipeline.export_configs(prof).items():
+        pipeline.stage(stage_name).validate(cfg)
+    assert all(e.predicted_decode_tok_s > 0 and e.total_gb < prof.memory_budget_gb for e in fits)
+
+
+@pytest.mark.slow  # 30-50 s per profile on 2 shared cores: every format of every ladder is built and benched
+@pytest.mark.parametrize("name", [n for n in profile.names() if n != "tiny"])
+def test_export_every_profile(name, tiny_run, tmp_path):
+    """Each shipped profile exports the tiny model: its ladder is built, benched, gated and bundled."""
+    from edgeft.export import export
+
+    prof = cheap(name)
+    bundle = export(prof, tiny_run, tmp_path / name, stage_params=NO_MIN)
+    spec = json.loads((bundle.path / BUNDLE_FILE).read_text())
+    assert spec["profile"]["name"] == name
+    records = json.loads((bundle.path / "report.json").read_text())
+    built = {f"{r['format']}:{r['quant']}" for r in records if r["format"] != "torch"}
+    assert built == set(profile.ladder(prof))  # the tiny model fits every device: nothing stepped down
+    assert f"{spec['variant']['format']}:{spec['variant']['quant']}" in built
+    assert spec["runtime"]["n_gpu_layers"] == prof.n_gpu_layers
+    assert spec["runtime"]["onnx_provider"] == prof.onnx_provider
+    assert spec["runtime"]["n_ctx"] == min(prof.context_length, 512)  # capped at the model's positions
+    artifact.load(bundle.path, kind="bundle")
+
+
+def test_a_format_failing_its_gate_steps_down_to_the_others(tiny_run, tmp_path):
+    from edgeft.export import export
+
+    prof = cheap("tiny", gguf="q8_0", onnx="int8", ladder="gguf:q8_0,onnx:int8")
+    # random weights reach ~0.85 int8 top-1 agreement: a 1.0 minimum fails the ONNX export's gate
+    bundle = export(prof, tiny_run, tmp_path / "dist", work=tmp_path / "work",
+                    stage_params={"export_onnx": {"min_top1_int8": 1.0}})
+    spec = json.loads((bundle.path / BUNDLE_FILE).read_text())
+    assert spec["variant"]["name"] == "gguf-q8_0"
+    assert any(n.startswith("export: export_onnx failed its parity gate") for n in spec["preflight"]["notes"])
+    assert "export_onnx failed its parity gate" in (bundle.path / BUNDLE_README).read_text()
+    assert {r["name"] for r in json.loads((bundle.path / "report.json").read_text())} == {"tuned", "gguf-q8_0"}
+
+
+def test_export_refused_before_building(tiny_run, tmp_path):
+    from edgeft.export import export
+
+    prof = cheap("tiny", memory_budget_gb="0.001", runtime_overhead_gb="0")
+    with pytest.raises(UserError, match="no variant fits profile tiny"):
+        export(prof, tiny_run, tmp_path / "dist", work=tmp_path / "work", stage_params=NO_MIN)
+    assert not (tmp_path / "dist").exists() and not (tmp_path / "work").exists()
+
+
+def test_export_cli_errors(tiny_run, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "edgeft.cli", "export", *map(str, args)],
+                              capture_output=True, text=True, cwd=tmp_path)
+
+    for args, needle in (
+        (["--profile", "tiny", "--from", tmp_path / "nope"], "does not exist"),
+        (["--profile", "tiny", "--from", tiny_run, "profile.accuracy_budget=2"], "accuracy_budget"),
+        (["--profile", "tiny", "--from", tiny_run, "train.lr=1"], "neither profile.KEY"),
+        (["--profile", "tiny", "--from", tmp_path], "no finished tuned model"),
+    ):
+        proc = run(*args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not (tmp_path / "dist").exists()
