@@ -73,8 +73,12 @@ def verify_bundle(path: Path, manifest: dict) -> int:
     files = manifest.get("files", {})
     if BUNDLE_FILE not in files:
         raise UserError(f"{path / MANIFEST_NAME}: lists no {BUNDLE_FILE}; copy the bundle again from the build host")
+    root = path.resolve()
     for rel, meta in files.items():
         f = path / rel
+        if Path(rel).is_absolute() or root not in (root / rel).resolve().parents:
+            raise UserError(f"{path / MANIFEST_NAME}: entry '{rel}' points outside the bundle (hostile or edited "
+                            "manifest); refusing it; copy the bundle again from the build host")
         if not f.is_file():
             raise UserError(f"{f}: missing from the bundle (listed in {MANIFEST_NAME}); copy the bundle again "
                             "from the build host")

@@ -195,3 +195,29 @@ def test_every_torch_stage_checks_its_input_kind_first(tmp_path):
     data = _make(tmp_path, "d", kind="data")
     with pytest.raises(UserError, match="needs hf|kind is 'gguf'"):
         bench.run(gguf_like, bench.Config(), tmp_path / "bench", data=data, base=None, exports=[])
+
+
+def test_bundle_manifest_entry_escaping_the_bundle(tmp_path):
+    """The device side refuses a bundle whose manifest reaches outside it, before hashing anything."""
+    from edgeft.constants import BUNDLE_FILE
+    from edgeft.device.bundle import verify_bundle
+
+    bundle = tmp_path / "dist" / "jetson"
+    bundle.mkdir(parents=True)
+    (bundle / BUNDLE_FILE).write_text("{}")
+    outside = tmp_path / "dist" / "other.gguf"
+    outside.write_bytes(b"GGUF")
+    files = {BUNDLE_FILE: {"sha256": artifact.sha256_file(bundle / BUNDLE_FILE), "size": 2},
+             "../other.gguf": {"sha256": artifact.sha256_file(outside), "size": 4}}
+    with pytest.raises(UserError, match="points outside the bundle"):
+        verify_bundle(bundle, {"files": files})
+
+
+def test_a_variant_that_will_not_fit_is_refused_before_building(tmp_path, tiny_llama_dir):
+    """Pre-flight: weights + KV cache + runtime overhead over the profile's budget ends in one line, exit 2."""
+    from edgeft import preflight, profile
+
+    prof = profile.load("tiny", {"memory_budget_gb": "0.0001", "runtime_overhead_gb": "0"})
+    with pytest.raises(UserError) as e:
+        preflight.plan(tiny_llama_dir, prof, profile.ladder(prof))
+    assert e.value.exit_code == 2 and "\n" not in str(e.value) and "budget" in str(e.value)
