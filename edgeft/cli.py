@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p_ask = sub.add_parser("ask", help="answer a question with a bundle (verifies its checksums first)")
     p_ask.add_argument("bundle", type=Path, help="the dist/PROFILE dir")
     p_ask.add_argument("question", nargs="*", help="the question; none = interactive, one per line")
-    p_ask.add_argument("--retrieval", default="prompt", choices=("prompt", "cite", "off"),
-                       help="manual passage: into the prompt and cited (default), cited only, or off")
+    p_ask.add_argument("--retrieval", default="cite", choices=("prompt", "cite", "off"),
+                       help="manual passage: cited beside the model's answer (default), also put into the prompt "
+                            "(for models tuned with retrieved context), or off")
     p_ask.add_argument("--max-new-tokens", type=int, help="answer length cap in tokens (default: the bundle's)")
     p_ask.add_argument("--threads", type=int, help="CPU threads (default: the profile's)")
     p_doc = sub.add_parser("doctor", help="runtimes, GPU, memory, and a smoke bench of a bundle")

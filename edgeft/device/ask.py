@@ -35,7 +35,7 @@ class Answer:
 class Asker:
     """A bundle's runtime, prompt formatter and manual index, opened once for many questions."""
 
-    def __init__(self, bundle: Bundle, retrieval: str = "prompt", max_new_tokens: int | None = None,
+    def __init__(self, bundle: Bundle, retrieval: str = "cite", max_new_tokens: int | None = None,
                  threads: int | None = None):
         if retrieval not in RETRIEVAL_MODES:
             raise ValueError(f"retrieval {retrieval!r}; valid: {', '.join(RETRIEVAL_MODES)}")
