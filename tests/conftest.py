@@ -96,3 +96,34 @@ def tiny_qa_jsonl(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "qa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in tiny_qa()))
     return path
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch, tmp_path):
+    """Call `edgeft ...` in this process; returns (exit code, stdout, stderr)."""
+    from edgeft import cli as cli_mod
+
+    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
+
+    def call(*args):
+        code = cli_mod.main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return call
+
+
+def make_tiny_run(run: Path, model_dir: Path) -> Path:
+    """A run dir like `edgeft run` leaves: the embedded data and `model_dir` as the tuned hf artifact."""
+    import shutil
+
+    from edgeft import artifact, data
+
+    data.run(None, data.Config(), run / "data")
+
+    def payload(staging: Path) -> dict:
+        for f in model_dir.iterdir():
+            shutil.copy2(f, staging / f.name)
+        return {}
+
+    artifact.build(run / "merge", kind="hf", stage="merge", params={"model": "tiny"}, parent=None, payload=payload)
+    return run

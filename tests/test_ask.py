@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_run
 
-from edgeft import artifact, profile
+from edgeft import profile
 from edgeft.constants import BUNDLE_FILE, MANIFEST_NAME
 
 # torch and transformers made unimportable before edgeft runs
@@ -29,18 +30,7 @@ def device(*args, stdin=None):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     """A run dir with the embedded data and the tiny Llama as its tuned model."""
-    from edgeft import data
-
-    run = tmp_path_factory.mktemp("askrun")
-    data.run(None, data.Config(), run / "data")
-
-    def payload(staging: Path) -> dict:
-        for f in tiny_llama_dir.iterdir():
-            shutil.copy2(f, staging / f.name)
-        return {}
-
-    artifact.build(run / "merge", kind="hf", stage="merge", params={"model": "tiny"}, parent=None, payload=payload)
-    return run
+    return make_tiny_run(tmp_path_factory.mktemp("askrun"), tiny_llama_dir)
 
 
 def _bundle(run: Path, out: Path, **types) -> Path:

@@ -2,13 +2,13 @@
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_run
 
 from edgeft import artifact, profile
 from edgeft.constants import BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_README, BUNDLE_RUNNER, MANIFEST_NAME
@@ -20,18 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_llama_dir) -> Path:
     """A run dir like `edgeft run` leaves: the embedded data and a tuned hf artifact (the tiny Llama)."""
-    from edgeft import data
-
-    run = tmp_path_factory.mktemp("run")
-    data.run(None, data.Config(), run / "data")
-
-    def payload(staging: Path) -> dict:
-        for f in tiny_llama_dir.iterdir():
-            shutil.copy2(f, staging / f.name)
-        return {}
-
-    artifact.build(run / "merge", kind="hf", stage="merge", params={"model": "tiny"}, parent=None, payload=payload)
-    return run
+    return make_tiny_run(tmp_path_factory.mktemp("run"), tiny_llama_dir)
 
 
 # random weights give flat logits: the ONNX export's top-1 gates are for trained models (see

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from edgeft import artifact, gguf_imatrix, gguf_lora, gguf_modelfile, gguf_parity, gguf_writer
 from edgeft.artifact import Artifact
-from edgeft.constants import (ADAPTER_DIR, EVAL_FILE, KIND_ADAPTER, KIND_DATA, KIND_GGUF, KIND_HF, MANIFEST_NAME,
+from edgeft.constants import (ADAPTER_DIR, EVAL_FILE, KIND_ADAPTER, KIND_GGUF, KIND_HF, MANIFEST_NAME,
                               TOKENIZER_FILES, TRAIN_FILE)
 from edgeft.errors import StageFailure, UserError
+from edgeft.stages import hf_io
 
 STAGE = "export_gguf"
 # llama.cpp quantizer targets, by llama_ftype constant name in llama_cpp
@@ -208,7 +209,7 @@ def _adapter_models(adapter_art: Artifact, tmp: Path, staging: Path) -> tuple[Pa
     shipped, as merge does; the reference is the merged model, checked by merge's own verification."""
     import torch
 
-    from edgeft.stages import hf_io, merge
+    from edgeft.stages import merge
 
     train_cfg = adapter_art.manifest["params"]["config"]
     base_dir = hf_io.resolve_model(adapter_art.manifest["inputs"]["base_model"])
@@ -238,15 +239,7 @@ def _adapter_models(adapter_art: Artifact, tmp: Path, staging: Path) -> tuple[Pa
 
 
 def _find_data(src: Artifact) -> Artifact | None:
-    """The data artifact that trained `src`: an ancestor records its id, the pipeline puts it in <run>/data."""
-    for art in artifact.lineage(src.path):
-        data_id = art.manifest.get("inputs", {}).get("data_id")
-        cand = art.path.parent / "data"
-        if data_id and (cand / MANIFEST_NAME).is_file():
-            found = artifact.load(cand, kind=KIND_DATA)
-            if found.id == data_id and (found.path / TRAIN_FILE).is_file():
-                return found
-    return None
+    return hf_io.run_data(src, TRAIN_FILE)
 
 
 def _eval_conversations(model_dir: Path, data: Artifact, n: int) -> list[dict]:

@@ -29,12 +29,12 @@ from pathlib import Path
 
 from edgeft import artifact
 from edgeft.artifact import Artifact
-from edgeft.constants import EVAL_FILE, KIND_DATA, KIND_HF, KIND_ONNX, MANIFEST_NAME, TOKENIZER_FILES
+from edgeft.constants import EVAL_FILE, KIND_HF, KIND_ONNX, TOKENIZER_FILES
 from edgeft.data import read_jsonl
 from edgeft.errors import StageFailure, UserError
 from edgeft.runtime.onnx import CONFIG_FILE, MODEL_FILE, OnnxRuntime
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import onnx_genai, onnx_parity
+from edgeft.stages import hf_io, onnx_genai, onnx_parity
 from edgeft.stages import onnx_quant as Q
 
 STAGE = "export_onnx"
@@ -132,15 +132,7 @@ def _check_arch(hf_dir: Path, route: str) -> str:
 
 
 def _find_data(src: Artifact) -> Artifact | None:
-    """The data artifact that trained `src`: an ancestor records its id, the pipeline puts it in <run>/data."""
-    for art in artifact.lineage(src.path):
-        data_id = art.manifest.get("inputs", {}).get("data_id")
-        cand = art.path.parent / "data"
-        if data_id and (cand / MANIFEST_NAME).is_file():
-            found = artifact.load(cand, kind=KIND_DATA)
-            if found.id == data_id and (found.path / EVAL_FILE).is_file():
-                return found
-    return None
+    return hf_io.run_data(src, EVAL_FILE)
 
 
 def _export_all(hf_dir: Path, cfg: Config, types: tuple[str, ...], staging: Path,

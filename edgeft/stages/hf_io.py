@@ -78,6 +78,21 @@ def check_weights(model_dir: Path) -> None:
                             "re-download or re-save the model")
 
 
+def run_data(src: artifact.Artifact, need: str) -> artifact.Artifact | None:
+    """The data artifact that trained `src` (holding file `need`): an ancestor records its id, the pipeline
+    puts it in <run>/data. None when `src` did not come through a pipeline run."""
+    from edgeft.constants import KIND_DATA, MANIFEST_NAME
+
+    for art in artifact.lineage(src.path):
+        data_id = art.manifest.get("inputs", {}).get("data_id")
+        cand = art.path.parent / "data"
+        if data_id and (cand / MANIFEST_NAME).is_file():
+            found = artifact.load(cand, kind=KIND_DATA)
+            if found.id == data_id and (found.path / need).is_file():
+                return found
+    return None
+
+
 def tokenizer_hash(model_dir: Path) -> str:
     """sha256 over the tokenizer files present in a model dir."""
     return artifact.hash_files([model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()])

@@ -1,39 +1,13 @@
-"""Shared helpers for the reliability suite: run the CLI in-process or as a subprocess and check the
+"""Shared helpers for the reliability suite (the `cli` fixture is in tests/conftest.py): check the
 error contract (one line on stderr naming what to fix, exit 2 for bad input / 1 for runtime failures,
 no traceback, nothing that looks finished)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RECIPE = REPO / "recipes" / "tiny.yaml"
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch, tmp_path):
-    """Call `edgeft ...` in this process; returns (exit code, stdout, stderr)."""
-    from edgeft import cli as cli_mod
-
-    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
-
-    def call(*args):
-        code = cli_mod.main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-    return call
-
-
-def subprocess_cli(*args, home: Path, **kw) -> subprocess.CompletedProcess:
-    """`python -m edgeft.cli ...` in a fresh process."""
-    env = {**os.environ, "EDGEFT_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "edgeft.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, **kw)
 
 
 def assert_error(result, code: int, *needles: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 
 from edgeft import artifact
 from edgeft.errors import StageFailure, UserError
-from tests.reliability._common import TINY_RECIPE, assert_error, assert_nothing_finished, cli  # noqa: F401 (fixture)
+from tests.reliability._common import TINY_RECIPE, assert_error, assert_nothing_finished
 
 
 def _make(tmp_path, name="a", kind="hf", parent=None, content=b"weights"):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.reliability._common import TINY_RECIPE, assert_error, assert_nothing_finished, cli  # noqa: F401 (fixture)
+from tests.reliability._common import TINY_RECIPE, assert_error, assert_nothing_finished
 
 
 def _run_with_data(cli, tmp_path, base, train_file, *extra):
