@@ -31,7 +31,7 @@ VARIANTS = {
 def main() -> None:
     """Run every variant in its own process; print peak memory, step time and ratios vs lora; write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default="/work/shared/data/emanual-tv/qa.jsonl")
+    ap.add_argument("--data", default="", help="JSONL of any edgeft format (default: the embedded demo QA)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--work", default="/tmp/edgeft-bench-train")

@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
               num_key_value_heads=8, max_position_embeddings=2048)
-DEFAULT_DATA = "/work/shared/data/emanual-tv/qa.jsonl"
+DEFAULT_DATA = ""  # the embedded demo QA; pass --data for a real set (the reference used emanual-tv qa.jsonl)
 
 
 def main() -> None:
     """Run the baseline and the edgeft variants; print tokens/s and ratios; write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=DEFAULT_DATA, help="JSONL of any edgeft format (default: emanual-tv QA)")
+    ap.add_argument("--data", default=DEFAULT_DATA, help="JSONL of any edgeft format (default: the embedded demo QA)")
     ap.add_argument("--steps", type=int, default=16, help="baseline optimizer steps (batch 8)")
     ap.add_argument("--max-length", type=int, default=512, help="tokens per example / packed row")
     ap.add_argument("--lr", type=float, default=2e-4)
