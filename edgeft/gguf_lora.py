@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import gguf
@@ -44,9 +43,7 @@ def convert_adapter(adapter_dir: Path, base_dir: Path, out_file: Path, out_type:
     gguf_alpha = alpha * math.sqrt(rank) if lcfg.get("use_rslora") else alpha  # llama.cpp divides by rank
     pairs = _pairs(weights, spec, hp, rank)
     qtype = QType.F32 if out_type == "f32" else QType.F16
-    tmp = out_file.with_name(out_file.name + ".part")
-    writer = gguf.GGUFWriter(tmp, MODEL_ARCH_NAMES[spec.arch])
-    try:
+    with gguf_writer.atomic_writer(out_file, spec.arch) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, gguf_alpha)
@@ -71,12 +68,6 @@ def convert_adapter(adapter_dir: Path, base_dir: Path, out_file: Path, out_type:
                 for t in (a, b):
                     writer.write_tensor_data(np.ascontiguousarray(t, dtype=np.float32 if qtype == QType.F32
                                                                   else np.float16))
-        writer.close()
-        os.replace(tmp, out_file)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return {"arch": MODEL_ARCH_NAMES[spec.arch], "rank": rank, "lora_alpha": alpha, "gguf_alpha": gguf_alpha,
             "rslora": bool(lcfg.get("use_rslora")), "n_adapted": len(pairs), "out_type": out_type,
             "size_bytes": out_file.stat().st_size}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from gguf import LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODE
 
 from edgeft import gguf_vocab
 from edgeft.errors import UserError
+from edgeft.safetensors_file import SafeTensorsFile
 
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what this writer produces itself; K-quants come from llama.cpp
 
@@ -98,9 +99,7 @@ def convert(hf_dir: Path, out_file: Path, out_type: str = "f16", name: str | Non
     n_rows = next(p.shape[0] for p in plan if p.gguf_name.startswith(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]))
     vocab = gguf_vocab.load(hf_dir, spec.vocab, n_rows, config)
 
-    tmp = out_file.with_name(out_file.name + ".part")
-    writer = gguf.GGUFWriter(tmp, MODEL_ARCH_NAMES[spec.arch])
-    try:
+    with atomic_writer(out_file, spec.arch) as writer:
         _add_metadata(writer, hp, out_type, name or hf_dir.name, n_rows)
         gguf_vocab.write(writer, vocab)
         for p in plan:
@@ -110,17 +109,11 @@ def convert(hf_dir: Path, out_file: Path, out_type: str = "f16", name: str | Non
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         with ExitStack() as stack:
-            handles: dict[Path, _SafeTensors] = {}
+            handles: dict[Path, SafeTensorsFile] = {}
             for p in plan:  # one tensor in memory at a time
                 if p.file not in handles:
-                    handles[p.file] = stack.enter_context(_SafeTensors(p.file))
+                    handles[p.file] = stack.enter_context(SafeTensorsFile(p.file))
                 writer.write_tensor_data(_encode(p, handles[p.file].read_f32(p.hf_name)))
-        writer.close()
-        os.replace(tmp, out_file)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     types: dict[str, int] = {}
     for p in plan:
         types[p.qtype.name] = types.get(p.qtype.name, 0) + 1
@@ -128,6 +121,21 @@ def convert(hf_dir: Path, out_file: Path, out_type: str = "f16", name: str | Non
             "n_params": int(sum(np.prod(p.shape) for p in plan)), "tensor_types": types,
             "fallbacks": fallbacks, "vocab_size": len(vocab.tokens), "tokenizer": vocab.model,
             "size_bytes": out_file.stat().st_size}
+
+
+@contextmanager
+def atomic_writer(out_file: Path, arch):
+    """A GGUFWriter on `out_file`.part, renamed into place when the block ends cleanly, removed otherwise."""
+    tmp = out_file.with_name(out_file.name + ".part")
+    writer = gguf.GGUFWriter(tmp, MODEL_ARCH_NAMES[arch])
+    try:
+        yield writer
+        writer.close()
+        os.replace(tmp, out_file)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -244,7 +252,7 @@ def _tensor_locations(hf_dir: Path) -> dict[str, Path]:
         raise UserError(f"{hf_dir}: no *.safetensors weights found")
     out: dict[str, Path] = {}
     for f in files:
-        with _SafeTensors(f) as st:
+        with SafeTensorsFile(f) as st:
             for k in st.keys():
                 if k in out:
                     raise UserError(f"{hf_dir}: tensor {k} is in both {out[k].name} and {f.name}")
@@ -262,7 +270,7 @@ def _plan(spec: ArchSpec, hp: dict, locations: dict[str, Path], out_type: str) -
         templates[hf_stem] = TENSOR_NAMES[t]
     planned, fallbacks = [], {}
     with ExitStack() as stack:
-        handles: dict[Path, _SafeTensors] = {}
+        handles: dict[Path, SafeTensorsFile] = {}
         for hf_name in locations:
             if hf_name.endswith(_IGNORED):
                 continue
@@ -276,7 +284,7 @@ def _plan(spec: ArchSpec, hp: dict, locations: dict[str, Path], out_type: str) -
                                 "does not know")
             f = locations[hf_name]
             if f not in handles:
-                handles[f] = stack.enter_context(_SafeTensors(f))
+                handles[f] = stack.enter_context(SafeTensorsFile(f))
             shape = handles[f].shape(hf_name)
             heads = qk_heads(spec, hp, stem)
             qtype, why = _choose_type(shape, out_type)
@@ -334,63 +342,6 @@ def _encode(p: _Planned, data: np.ndarray) -> np.ndarray:
                             "export f32 or bf16 instead")
         return out
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), p.qtype)
-
-
-class _SafeTensors:
-    """One safetensors file read with plain file reads: header once, then one tensor at a time."""
-
-    _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._f = open(self.path, "rb")
-        try:
-            n = int.from_bytes(self._f.read(8), "little")
-            if not 2 <= n <= 100 << 20:
-                raise ValueError(f"header length {n}")
-            self._header = json.loads(self._f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            self._f.close()
-            raise UserError(f"{self.path}: not a safetensors file ({e}); re-save the model with "
-                            "safe_serialization=True") from None
-        self._header.pop("__metadata__", None)
-        self._base = 8 + n
-
-    def keys(self) -> list[str]:
-        """Tensor names in the file."""
-        return list(self._header)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Shape of tensor `name`."""
-        return tuple(self._header[name]["shape"])
-
-    def read_f32(self, name: str) -> np.ndarray:
-        """Tensor `name` as a new float32 array."""
-        info = self._header[name]
-        dtype = self._DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise UserError(f"{self.path}: tensor {name} has dtype {info['dtype']}; the GGUF writer reads "
-                            f"{', '.join(self._DTYPES)}")
-        start, end = info["data_offsets"]
-        out = np.empty(tuple(info["shape"]), dtype=dtype)
-        if out.nbytes != end - start:
-            raise UserError(f"{self.path}: tensor {name} holds {end - start} bytes, its shape needs {out.nbytes}")
-        self._f.seek(self._base + start)
-        if self._f.readinto(memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
-            raise UserError(f"{self.path}: truncated inside tensor {name}; the file is incomplete")
-        if dtype is np.uint16:  # bfloat16: the high half of a float32
-            return (out.astype(np.uint32) << 16).view(np.float32)
-        return out.astype(np.float32, copy=False)
-
-    def close(self) -> None:
-        """Close the file."""
-        self._f.close()
-
-    def __enter__(self) -> _SafeTensors:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _read_json(path: Path) -> dict:

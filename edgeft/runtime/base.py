@@ -22,6 +22,15 @@ class GenResult:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
+def empty_or_none(ids: list[int], max_new_tokens: int) -> GenResult | None:
+    """Checks shared by the runtimes' generate(): an empty prompt is an error; no tokens asked, an empty result."""
+    if not ids:
+        raise ValueError("empty prompt: pass at least one token id (usually BOS)")
+    if max_new_tokens <= 0:
+        return GenResult(tokens=[], ttft_s=0.0, decode_s=0.0, prompt_tokens=len(ids), stopped_at_eos=False)
+    return None
+
+
 # Every runtime class offers, by convention (no base class):
 #   generate(ids: list[int], max_new_tokens: int, ignore_eos=False) -> GenResult    greedy, stops at
 #       the model's EOS (ignore_eos: run to max_new_tokens, for fixed-length timing)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgeft.runtime.base import GenResult
+from edgeft.runtime.base import GenResult, empty_or_none
 
 MODEL_FILE = "model.onnx"  # the graph inside every exported type dir; external data sits beside it
 CONFIG_FILE = "config.json"
@@ -88,11 +88,8 @@ class OnnxRuntime:
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  ignore_eos: bool = False) -> GenResult:
         """Greedy (temperature 0) or sampled continuation of `ids`, stopping before EOS (unless ignore_eos)."""
-        if not ids:
-            raise ValueError("empty prompt: pass at least one token id (usually BOS)")
-        if max_new_tokens <= 0:
-            return GenResult(tokens=[], ttft_s=0.0, decode_s=0.0, prompt_tokens=len(ids),
-                             stopped_at_eos=False)
+        if (empty := empty_or_none(ids, max_new_tokens)) is not None:
+            return empty
         rng = np.random.default_rng(seed)
         tokens: list[int] = []
         stopped = False

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 
-from edgeft.runtime.base import GenResult
+from edgeft.runtime.base import GenResult, empty_or_none
 from edgeft.runtime.onnx import MODEL_FILE, choose_next, eos_ids
 
 GENAI_CONFIG_FILE = "genai_config.json"  # written by the model builder: the graph's IO names and search defaults
@@ -74,11 +74,8 @@ class GenaiRuntime:
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  ignore_eos: bool = False) -> GenResult:
         """Greedy (temperature 0) or sampled continuation of `ids`, stopping before EOS (unless ignore_eos)."""
-        if not ids:
-            raise ValueError("empty prompt: pass at least one token id (usually BOS)")
-        if max_new_tokens <= 0:
-            return GenResult(tokens=[], ttft_s=0.0, decode_s=0.0, prompt_tokens=len(ids),
-                             stopped_at_eos=False)
+        if (empty := empty_or_none(ids, max_new_tokens)) is not None:
+            return empty
         limit = min(len(ids) + max_new_tokens, self.n_ctx)
         if len(ids) >= limit:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {self.n_ctx}-token context")
