@@ -118,6 +118,8 @@ def _cmd_run(args) -> int:
     prof = profile.load(args.profile, prof_over)
     recipe = pipeline.load_recipe(args.recipe, rec_over)
     arts = pipeline.run(recipe, prof, args.out)
+    if "bench" not in arts:  # another rank under `accelerate launch`: rank 0 exports, benches and reports
+        return 0
     print("\n" + (arts["bench"].path / "report.md").read_text(), flush=True)
     print(f"done: {len(arts)} artifacts in {args.out}; report: {arts['bench'].path / 'report.md'}")
     return 0

@@ -106,16 +106,24 @@ def run(recipe: dict, profile: Profile, out: Path) -> dict[str, artifact.Artifac
 
 
 def _run(recipe: dict, profile: Profile, out: Path, base_src) -> dict[str, artifact.Artifact]:
-    arts = {"data": stage("data").run(None, recipe["data"], out / "data")}
-    if base_src is None:
-        from edgeft.demo import base as embedded_base
+    """The chain. Under `accelerate launch` train and distill run on every rank; the stages between run on
+    rank 0 first (the other ranks then find them finished) and the rest, exports and bench, on rank 0 alone."""
+    from edgeft.stages import dist
 
-        base_src = embedded_base.ensure(arts["data"], embedded_base.Config(steps=recipe["base"].pretrain_steps))
+    with dist.main_first():
+        arts = {"data": stage("data").run(None, recipe["data"], out / "data")}
+        if base_src is None:
+            from edgeft.demo import base as embedded_base
+
+            base_src = embedded_base.ensure(arts["data"], embedded_base.Config(steps=recipe["base"].pretrain_steps))
     tuned = arts["train"] = stage("train").run(base_src, recipe["train"], out / "train", data=arts["data"],
                                                 trust_remote_code=recipe["base"].trust_remote_code)
     if tuned.kind == KIND_ADAPTER:
-        tuned = arts["merge"] = stage("merge").run(tuned, recipe["merge"], out / "merge")
+        with dist.main_first():
+            tuned = arts["merge"] = stage("merge").run(tuned, recipe["merge"], out / "merge")
     shrunk = _shrink(recipe, out, tuned, arts)
+    if not dist.is_main():  # the distributed stages are done; rank 0 exports and benches
+        return arts
     exports = [arts[s] for s in ("prune", "distill") if s in arts]  # benched in torch beside the tuned model
     for name, cfg in export_configs(profile).items():
         arts[name] = stage(name).run(tuned, cfg, out / name.split("_", 1)[1])
@@ -136,7 +144,10 @@ def _shrink(recipe: dict, out: Path, tuned: artifact.Artifact, arts: dict) -> ar
     prune, distill = stage("prune"), stage("distill")
     shrunk = None
     if prune.enabled(recipe["prune"]):
-        shrunk = arts["prune"] = prune.run(tuned, recipe["prune"], out / "prune", data=arts["data"])
+        from edgeft.stages import dist
+
+        with dist.main_first():
+            shrunk = arts["prune"] = prune.run(tuned, recipe["prune"], out / "prune", data=arts["data"])
     if distill.enabled(recipe["distill"]):
         shrunk = arts["distill"] = distill.run(shrunk, recipe["distill"], out / "distill", data=arts["data"],
                                                teacher=tuned)

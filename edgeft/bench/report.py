@@ -10,7 +10,7 @@ from pathlib import Path
 from edgeft.constants import REPORT_CSV, REPORT_FIELDS, REPORT_JSON, REPORT_MD
 
 # Flat extras worth a column when present; nested ones (latency, spreads) stay in report.json.
-EXTRA_FIELDS = ("key_fact", "greedy_match", "decode_tok_s_llama", "decode_vs_llama", "bytes_per_token",
+EXTRA_FIELDS = ("key_fact", "greedy_match", "threads", "decode_tok_s_llama", "decode_vs_llama", "bytes_per_token",
                 "predicted_footprint_mb")
 
 
@@ -36,7 +36,7 @@ def write(records: list[dict], out: Path, selection: str = "", notes: list[str] 
     plots = _plots(records, out)
     if plots:
         parts.append("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
-    for n in list(notes) + llama_agreement(records):
+    for n in list(notes) + threads_note(records) + llama_agreement(records):
         parts.append(f"\n{n}\n")
     (out / REPORT_MD).write_text("".join(parts))
     return md + (f"\n{selection}\n" if selection else "")
@@ -62,6 +62,14 @@ def spread_table(records: list[dict]) -> str:
             d = f"{_s(dec)} ({_cell(dec['min'])}-{_cell(dec['max'])})" if dec and i == 0 else ""
             lines.append(f"| {r['name']} | {n} | {_s(row['ttft_ms'])} | {_s(row['prefill_tok_s'])} | {d} |")
     return "\n".join(lines) + "\n"
+
+
+def threads_note(records: list[dict]) -> list[str]:
+    """One line when the profile asked for more threads than this machine has cores (a build-host bench)."""
+    capped = {(r["threads_requested"], r["threads"]) for r in records
+              if r.get("threads_requested") and r.get("threads") and r["threads"] < r["threads_requested"]}
+    return [f"threads: the profile asks for {asked}, this machine has {used} usable cores, so every runtime ran "
+            f"{used} threads; bench on the device itself for its latency figures." for asked, used in sorted(capped)]
 
 
 def llama_agreement(records: list[dict], tolerance: float = 0.05) -> list[str]:

@@ -7,6 +7,7 @@ Imports numpy and the one runtime the variant needs (torch only for torch varian
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -19,9 +20,19 @@ from edgeft.bench import latency as L
 from edgeft.bench import metrics as M
 
 
+def usable_threads(requested: int) -> int:
+    """The profile's thread count, capped at the cores this process may run on.
+
+    A profile describes its device (a Jetson's 6 cores); benched on a smaller build host, more threads
+    than cores only time the oversubscription. The record keeps both counts and the report says so.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(requested, cores))
+
+
 def open_runtime(variant: dict, cfg: dict):
     """The runtime for a variant's format."""
-    fmt, path, threads = variant["format"], variant["path"], cfg["threads"]
+    fmt, path, threads = variant["format"], variant["path"], usable_threads(cfg["threads"])
     if fmt == "torch":
         from edgeft.runtime.hf import HFRuntime
         return HFRuntime(path, n_threads=threads)
@@ -87,6 +98,7 @@ def measure(variant: dict, samples: dict, ref_path: Path, save_ref: bool) -> dic
         "decode_tok_s_minmax": [round(dec["min"], 1), round(dec["max"], 1)],
         "bytes_per_token": int(fp.bytes_per_token(lat["decode_context"])),
         "predicted_footprint_mb": round(fp.memory_mb(cfg["n_ctx"]), 1),
+        "threads": usable_threads(cfg["threads"]), "threads_requested": cfg["threads"],
         "latency": lat,
     }
     if "decode_tok_s_llama" in lat:

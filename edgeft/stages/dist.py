@@ -7,7 +7,10 @@ trains on its share of each step's batches; rank 0 alone writes checkpoints and 
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
 
 _ACC = None
 
@@ -69,3 +72,22 @@ def all_sum(values: list[float], device) -> list[float]:
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
     return acc.reduce(t, reduction="sum").tolist()
+
+
+def build_on_every_rank(out: Path, aid: str, kind: str, build: Callable, payload: Callable[[Path], dict]):
+    """An artifact whose payload every rank computes (its collectives need them all) and rank 0 publishes.
+
+    Rank 0 runs `build()` (artifact.build with `payload`); the others run `payload` into a scratch dir
+    (it returns before writing anything off rank 0) unless the artifact `aid` is already finished. All
+    ranks then return the one artifact rank 0 wrote. Alone, this is `build()`.
+    """
+    from edgeft import artifact
+
+    art = None
+    if is_main():
+        art = build()
+    elif artifact.find_finished(Path(out), aid) is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            payload(Path(scratch))
+    barrier()
+    return art if art is not None else artifact.load(out, kind=kind, verify=False)

@@ -24,7 +24,7 @@ from edgeft.constants import EVAL_FILE, KIND_DATA, KIND_HF, TEACHER_CACHE_FILE, 
 from edgeft.data import IGNORE_INDEX, read_jsonl
 from edgeft.errors import UserError
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import hf_io, loop
+from edgeft.stages import dist, hf_io, loop
 
 LOSSES = ("forward", "reverse", "mixed")
 POSITIONS = ("all", "answer")
@@ -106,6 +106,7 @@ def run(src: artifact.Artifact | None, cfg: Config, out: Path, *, data: artifact
         from transformers import AutoModelForCausalLM
 
         device = _device(cfg)
+        dist.accelerator(cpu=device.type == "cpu")  # joins the process group when launched by accelerate
         fmt = PromptFormatter(teacher.path)
         train = _examples(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.max_length)
         evals = _examples(fmt, read_jsonl(data.path / EVAL_FILE), cfg.max_length)[: cfg.eval_samples]
@@ -127,13 +128,17 @@ def run(src: artifact.Artifact | None, cfg: Config, out: Path, *, data: artifact
                            student_params=sum(p.numel() for p in student.parameters()),
                            teacher_params=teach.params, cached_teacher=cfg.cache, train_examples=len(train),
                            device=str(device))
+        if not dist.is_main():  # rank 0 alone writes
+            return metrics
         student.to(DTYPES[cfg.dtype]).save_pretrained(tmp, safe_serialization=True)
         hf_io.copy_tokenizer(student_dir, tmp)
         loop.plot_loss(metrics["loss_curve"], tmp / "loss.png")
         return metrics
 
-    return artifact.build(out, kind=KIND_HF, stage="distill", params=cfg, parent=parent, payload=payload,
-                          inputs=inputs)
+    aid = artifact.artifact_id(parent.id, "distill", cfg, inputs)
+    return dist.build_on_every_rank(  # under `accelerate launch` every rank distills its share of each step
+        out, aid, KIND_HF, lambda: artifact.build(out, kind=KIND_HF, stage="distill", params=cfg, parent=parent,
+                                                  payload=payload, inputs=inputs), payload)
 
 
 def check_tokenizers(teacher_dir: Path, student_dir: Path) -> None:

@@ -8,6 +8,7 @@ protobuf limit, with external data) and by opening an onnxruntime session on it.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,18 +21,72 @@ _MATMUL_NBITS = "MatMulNBits"
 
 
 def convert_fp16(base: Path, out: Path, large: bool) -> None:
-    """fp16 everywhere (IO and KV cache included) except the norms' square and mean (they can overflow)."""
+    """fp16 everywhere (IO and KV cache included) except the normalisations, which stay fp32 end to end.
+
+    RMSNorm squares the residual stream: past |x| = 256 that overflows fp16 (the demo's last block reaches
+    350, so the final norm turned to inf and top-1 agreement fell to 0.95). Torch computes norms in fp32;
+    so do we: every node of a norm subgraph is blocked, and the converter's fp32 -> fp16 -> fp32 cast
+    pairs between blocked nodes are then removed, so no intermediate value passes through fp16.
+    """
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     copy_sidecars(base, out)
+    graph = onnx.load(str(base / MODEL_FILE), load_external_data=False).graph
+    norm_nodes = [n.name for n in graph.node if _NORM_NODE.search(n.name) and n.op_type != "Constant"]
     # a path, not a ModelProto: the converter then runs shape inference on disk, fine past 2 GB
     model = convert_float_to_float16(str(base / MODEL_FILE), keep_io_types=False,
-                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Pow", "ReduceMean"])
+                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Pow", "ReduceMean"],
+                                     node_block_list=norm_nodes)
+    drop_cast_round_trips(model.graph)
     OnnxModel(model).topological_sort()  # the casts around blocked ops are appended out of order
     onnx.save(model, str(out / MODEL_FILE), save_as_external_data=large,
               all_tensors_to_one_file=True, location=MODEL_FILE + "_data")
+
+
+# nodes inside a normalisation module as exporters name them: /model/norm/Pow, /model/layers.0/input_layernorm/Mul,
+# .../self_attn/q_norm/... (optimum names nodes by module path)
+_NORM_NODE = re.compile(r"(^|/)[^/]*norm[^/]*/", re.IGNORECASE)
+
+
+def drop_cast_round_trips(graph) -> int:
+    """Remove the float16 converter's Cast(fp16) -> Cast(fp32) pairs between two blocked (fp32) nodes.
+
+    The converter wraps each blocked node on its own, so a chain of blocked nodes still round-trips every
+    intermediate value through fp16. A pair is recognised by the converter's own node names; the fp32
+    consumer is rewired to the fp32 value and whatever is left unused is deleted. Returns pairs removed.
+    """
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    removed, dead = 0, set()
+    for up in list(graph.node):
+        if up.op_type != "Cast" or not up.name.endswith("_cast_to_fp16_node"):
+            continue
+        src, half = up.input[0], up.output[0]
+        if src not in producers:  # a graph input or initializer: leave the converter's choice
+            continue
+        for down in consumers.get(half, []):
+            if down.op_type != "Cast" or not down.name.endswith("_cast_to_fp32_node"):
+                continue
+            for n in consumers.get(down.output[0], []):
+                for k, name in enumerate(n.input):
+                    if name == down.output[0]:
+                        n.input[k] = src
+            if down.output[0] in outputs:
+                continue
+            dead.add(id(down))
+            removed += 1
+        if half not in outputs and all(id(c) in dead for c in consumers.get(half, [])):
+            dead.add(id(up))
+    kept = [n for n in graph.node if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return removed
 
 
 def quantize_int8(base: Path, out: Path, per_channel: bool, reduce_range: bool, large: bool) -> None:

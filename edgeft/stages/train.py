@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,15 +108,9 @@ def run(src, cfg: Config, out: Path, *, data: artifact.Artifact, trust_remote_co
         loop.plot_loss(metrics["loss_curve"], tmp / "loss.png", metrics["eval_curve"])
         return metrics
 
-    if dist.is_main():
-        art = artifact.build(out, kind=kind, stage="train", params=params, parent=parent, payload=payload,
-                             inputs=inputs)
-    elif artifact.find_finished(Path(out), aid) is None:  # train beside rank 0, which alone publishes
-        with tempfile.TemporaryDirectory() as scratch:
-            payload(Path(scratch))
-    dist.barrier()
-    if not dist.is_main():
-        art = artifact.load(out, kind=kind, verify=False)
+    art = dist.build_on_every_rank(
+        out, aid, kind, lambda: artifact.build(out, kind=kind, stage="train", params=params, parent=parent,
+                                               payload=payload, inputs=inputs), payload)
     if ckpt_dir is not None:
         checkpoint.remove(ckpt_dir)
     return art

@@ -70,3 +70,23 @@ def test_llama_agreement_line():
     assert "gguf-f16 0.980, gguf-q4 0.900" in line and "Outside 5%: gguf-q4 0.900" in line
     assert report.llama_agreement(recs[:1])[0].endswith("All within 5%.")
     assert report.llama_agreement(recs[2:]) == []
+
+
+def test_threads_note_only_when_the_profile_asked_for_more_threads_than_cores(tmp_path):
+    capped = [{**r, "threads": 2, "threads_requested": 6} for r in RECS]
+    (line,) = report.threads_note(capped)
+    assert "asks for 6" in line and "2 usable cores" in line
+    assert report.threads_note([{**r, "threads": 4, "threads_requested": 4} for r in RECS]) == []
+    assert report.threads_note(RECS) == []  # records from before the field
+    report.write(capped, tmp_path)
+    assert "asks for 6" in (tmp_path / "report.md").read_text()
+
+
+def test_worker_caps_threads_at_the_usable_cores(monkeypatch):
+    from edgeft.bench import worker
+
+    monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert worker.usable_threads(6) == 2
+    assert worker.usable_threads(1) == 1
+    monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert worker.usable_threads(6) == 6

@@ -327,3 +327,55 @@ def test_torch_references_catch_a_runtime_that_strays_from_torch_greedy(exported
     assert ref.tokens == new[:2]  # torch's own 2nd token ends the reference
     with pytest.raises(StageFailure, match="parity prompt text:x at new token 1: torch .* not a near-tie"):
         onnx_parity.gate(liar, [ref], "fp32", 16, 0.0, exported.path / "fp32")
+
+
+def test_fp16_keeps_norms_fp32_when_the_residual_stream_overflows_fp16_squares(tmp_path, tiny_llama_dir):
+    """|x| of a few hundred in the residual stream: x**2 past 65504 must not pass through fp16 (it did: inf)."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.mul_(400.0 / emb.abs().max())  # every token enters the residual stream with |x| up to 400
+    big = tmp_path / "big"
+    model.save_pretrained(big)
+    for f in tiny_llama_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, big / f.name)
+    src = _hf_artifact(tmp_path, big)
+    art = ex.run(src, ex.Config(types=("fp32", "fp16"), **NO_MIN), tmp_path / "onnx")
+    graph = onnx.load(str(art.path / "fp16" / MODEL_FILE)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    for n in graph.node:
+        if n.op_type == "ReduceMean" and "norm" in n.name:  # the mean of squares reads the Pow directly
+            assert producers[n.input[0]].op_type == "Pow", n.name
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    assert float(np.abs(ref).max()) > 1.0
+    half = OnnxRuntime(art.path / "fp16").logits(ids)
+    assert np.isfinite(half).all()
+    assert float((half.argmax(-1) == ref.argmax(-1)).mean()) >= 0.95  # 0.16 before norms stayed fp32
+    assert art.metrics["types"]["fp16"]["top1_agreement"] >= 0.95
+
+
+def test_drop_cast_round_trips_rewires_to_the_fp32_value():
+    from onnx import TensorProto, helper
+
+    from edgeft.stages.onnx_quant import drop_cast_round_trips
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="blocked1"),
+             helper.make_node("Cast", ["a"], ["a16"], name="a_cast_to_fp16_node", to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["a16"], ["a32"], name="a16_cast_to_fp32_node", to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["a32"], ["y"], name="blocked2"),
+             helper.make_node("Neg", ["a16"], ["z"], name="half_consumer")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+                           helper.make_tensor_value_info("z", TensorProto.FLOAT16, [2])])
+    assert drop_cast_round_trips(g) == 1
+    by = {n.name: n for n in g.node}
+    assert list(by["blocked2"].input) == ["a"]  # reads the fp32 value
+    assert "a16_cast_to_fp32_node" not in by
+    assert "a_cast_to_fp16_node" in by  # still feeds an fp16 consumer

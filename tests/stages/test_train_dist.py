@@ -69,3 +69,23 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tiny_llama_dir, ti
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     assert [v for _, v in single.metrics["loss_curve"]] == pytest.approx(
         [v for _, v in manifest["metrics"]["loss_curve"]], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_edgeft_run_under_accelerate_launch(tmp_path):
+    """`accelerate launch -m edgeft.cli run ...`: train on both ranks, rank 0 alone exports, benches and reports."""
+    out, home = tmp_path / "run", tmp_path / "home"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/ddp.yaml"),
+           "--num_processes", "2", "--num_cpu_threads_per_process", "1", "--main_process_port", str(_port()),
+           "-m", "edgeft.cli", "run", "--recipe", str(REPO / "recipes/tiny.yaml"), "--profile", "tiny",
+           "--out", str(out), "profile.onnx=fp32", "profile.gguf=q4_k_m", "profile.ladder=onnx:fp32,gguf:q4_k_m",
+           "bench.max_samples=4"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "EDGEFT_HOME": str(home)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: ") == 1  # one report, from rank 0
+    train_m = json.loads((out / "train" / "manifest.json").read_text())
+    assert train_m["metrics"]["world_size"] == 2
+    for d in ("data", "merge", "gguf", "onnx", "bench"):
+        assert (out / d / "manifest.json").is_file(), d
+    assert not list(out.glob(".tmp-*"))
