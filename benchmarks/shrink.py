@@ -44,7 +44,6 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=120, help="eval prompts measured (0 = all)")
     args = ap.parse_args()
 
-    from edgeft import artifact
     from edgeft.bench.harness import Config as BenchConfig
     from edgeft.bench.harness import Variant, run_bench
     from edgeft.constants import EVAL_FILE

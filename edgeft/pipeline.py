@@ -7,6 +7,7 @@ skipped, so rerunning a recipe only redoes what changed.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,10 @@ STAGES = {
     "bench": "edgeft.stages.bench",
 }
 RECIPE_SECTIONS = {"data": "data", "train": "train", "merge": "merge", "prune": "prune", "distill": "distill",
-                   "bench": "bench"}  # section -> stage
+                   "export_gguf": "export_gguf", "export_onnx": "export_onnx", "bench": "bench"}  # section -> stage
+# Export keys the device profile sets (what to build for that device); a recipe sets the others (gates, imatrix, ...)
+PROFILE_EXPORT_KEYS = {"export_gguf": {"types": "gguf", "threads": "threads"},
+                       "export_onnx": {"types": "onnx", "route": "onnx_route"}}
 
 
 @dataclass(frozen=True)
@@ -59,18 +63,24 @@ def load_recipe(path: Path, overrides: dict[str, str]) -> dict:
         if sec not in schema and sec != "name":
             raise UserError(f"{path}: unknown section '{sec}'; valid sections: name, {', '.join(schema)}")
     raw = apply_overrides(raw, overrides, schema, "override")
+    for sec, keys in PROFILE_EXPORT_KEYS.items():
+        for key, prof_key in keys.items():
+            if isinstance(raw.get(sec), dict) and key in raw[sec]:
+                raise UserError(f"{path}: {sec}.{key} is set by the device profile ({prof_key}); choose a profile "
+                                f"or override profile.{prof_key}=..., and keep the other {sec} keys here")
     recipe = {sec: from_dict(cls, raw.get(sec), f"{path}:{sec}") for sec, cls in schema.items()}
     recipe["name"] = str(raw.get("name", path.stem))
     return recipe
 
 
-def export_configs(profile: Profile) -> dict:
-    """The export stages a profile asks for, with their configs."""
+def export_configs(profile: Profile, recipe: dict | None = None) -> dict:
+    """The export stages a profile asks for: the recipe's export sections with the profile's keys on top."""
     out = {}
-    if profile.gguf:
-        out["export_gguf"] = stage("export_gguf").Config(types=profile.gguf, threads=profile.threads)
-    if profile.onnx:
-        out["export_onnx"] = stage("export_onnx").Config(types=profile.onnx, route=profile.onnx_route)
+    for name, keys in PROFILE_EXPORT_KEYS.items():
+        fixed = {key: getattr(profile, prof_key) for key, prof_key in keys.items()}
+        if fixed["types"]:
+            cfg = (recipe or {}).get(name) or stage(name).Config()
+            out[name] = dataclasses.replace(cfg, **fixed)
     return out
 
 
@@ -82,7 +92,7 @@ def run(recipe: dict, profile: Profile, out: Path) -> dict[str, artifact.Artifac
         validate = getattr(stage(st), "validate", None)
         if validate:
             validate(recipe[sec])
-    for name, cfg in export_configs(profile).items():
+    for name, cfg in export_configs(profile, recipe).items():
         stage(name).validate(cfg)
     dcfg = recipe["distill"]
     if stage("distill").enabled(dcfg) and not stage("prune").enabled(recipe["prune"]) and not dcfg.student:
@@ -125,7 +135,7 @@ def _run(recipe: dict, profile: Profile, out: Path, base_src) -> dict[str, artif
     if not dist.is_main():  # the distributed stages are done; rank 0 exports and benches
         return arts
     exports = [arts[s] for s in ("prune", "distill") if s in arts]  # benched in torch beside the tuned model
-    for name, cfg in export_configs(profile).items():
+    for name, cfg in export_configs(profile, recipe).items():
         arts[name] = stage(name).run(tuned, cfg, out / name.split("_", 1)[1])
         exports.append(arts[name])
         if shrunk is not None:  # e.g. runs/x/gguf-distill: the shrunk model in every export format too

@@ -55,3 +55,21 @@ def test_profile_overrides_and_unknown_profile():
         profile.load("nope")
     with pytest.raises(UserError, match="unknown key 'speed'"):
         profile.load("tiny", {"speed": "1"})
+
+
+def test_recipe_export_sections_set_gates_and_the_profile_sets_what_to_build(tmp_path):
+    r = pipeline.load_recipe(REPO / "recipes/tiny.yaml", parse_overrides(
+        ["export_onnx.min_top1_int8=0.97", "export_gguf.imatrix=true"]))
+    prof = profile.load("tiny")
+    cfgs = pipeline.export_configs(prof, r)
+    assert cfgs["export_onnx"].min_top1_int8 == 0.97 and cfgs["export_onnx"].types == prof.onnx
+    assert cfgs["export_onnx"].route == prof.onnx_route
+    assert cfgs["export_gguf"].imatrix is True and cfgs["export_gguf"].types == prof.gguf
+    assert cfgs["export_gguf"].threads == prof.threads
+    assert pipeline.export_configs(prof)["export_onnx"].min_top1_int8 == 0.99  # no recipe: the stage defaults
+    with pytest.raises(UserError, match="export_onnx.types is set by the device profile.*profile.onnx"):
+        pipeline.load_recipe(REPO / "recipes/tiny.yaml", {"export_onnx.types": "int4"})
+    bad = tmp_path / "r.yaml"
+    bad.write_text("export_gguf:\n  threads: 8\n")
+    with pytest.raises(UserError, match="r.yaml: export_gguf.threads is set by the device profile"):
+        pipeline.load_recipe(bad, {})

@@ -78,7 +78,7 @@ def llama_agreement(records: list[dict], tolerance: float = 0.05) -> list[str]:
     if not pairs:
         return []
     off = [f"{n} {v:.3f}" for n, v in pairs if abs(v - 1) > tolerance]
-    head = (f"GGUF decode tok/s vs llama.cpp's own timings (ours / llama_perf_context): "
+    head = ("GGUF decode tok/s vs llama.cpp's own timings (ours / llama_perf_context): "
             + ", ".join(f"{n} {v:.3f}" for n, v in pairs) + ".")
     if not off:
         return [head + f" All within {tolerance:.0%}."]

@@ -8,6 +8,7 @@ cleared at the start of every call.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class GGUFRuntime:
         self.n_vocab = self._llm.n_vocab()
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self._row, self._row_addr = None, None  # numpy view of llama.cpp's one-row logits buffer (see _next)
+        self._eog: dict[int, bool] = {}
 
     def generate(self, ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> GenResult:
         """Greedy decoding from `ids`; stops before an end-of-generation token (unless ignore_eos, for
@@ -57,12 +60,12 @@ class GGUFRuntime:
         tok = int(np.argmax(self._decode(ids, 0, all_logits=False)[-1]))
         t_first = time.perf_counter()
         while len(tokens) < max_new_tokens:
-            if not ignore_eos and llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+            if not ignore_eos and self._is_eog(tok):
                 stopped = True
                 break
             tokens.append(tok)
             if len(tokens) < max_new_tokens:
-                tok = int(np.argmax(self._decode([tok], len(ids) + len(tokens) - 1, all_logits=False)[-1]))
+                tok = self._next(tok, len(ids) + len(tokens) - 1)
         t_end = time.perf_counter()
         return GenResult(tokens=tokens, ttft_s=t_first - t0, decode_s=t_end - t_first,
                          prompt_tokens=len(ids), stopped_at_eos=stopped)
@@ -116,6 +119,28 @@ class GGUFRuntime:
 
     def _clear(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._llm.ctx), True)
+
+    def _is_eog(self, tok: int) -> bool:
+        """llama.cpp's end-of-generation test, memoised per token id (one ctypes call per id, not per step)."""
+        eog = self._eog.get(tok)
+        if eog is None:
+            eog = self._eog[tok] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, tok))
+        return eog
+
+    def _next(self, tok: int, pos: int) -> int:
+        """Decode one token at `pos` and return the greedy next one: the decode loop's hot path, kept to
+        llama_decode plus an argmax over llama.cpp's logits in place (no batch rebuild, no copy)."""
+        b = self._batch
+        b.token[0], b.pos[0], b.logits[0], b.n_tokens = tok, pos, True, 1
+        if llama_cpp.llama_decode(self._llm.ctx, b) != 0:
+            raise RuntimeError(f"llama_decode failed at position {pos} ({self.path})")
+        # llama_get_logits also synchronises (a GPU backend copies logits asynchronously) and closes llama.cpp's
+        # own timing of this token; the numpy view is re-made only when the buffer has moved (it grows rarely)
+        ptr = llama_cpp.llama_get_logits(self._llm.ctx)
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        if addr != self._row_addr:
+            self._row, self._row_addr = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)), addr
+        return int(self._row.argmax())
 
     def _decode(self, ids: list[int], pos0: int, all_logits: bool) -> np.ndarray:
         """Decode `ids` at positions pos0.. in one batch; logits of every position or of the last."""

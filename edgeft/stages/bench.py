@@ -52,6 +52,8 @@ def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifa
         choice, line = selection(records, cfg)
         notes = [] if text else ["perplexity: '-' because the data artifact holds no held-out manual text "
                                  f"({MANUAL_HELDOUT_FILE}); pass data.manual to measure it"]
+        notes += [f"{e.stage}: {e.metrics['dense_runtime_note']}" for e in exports
+                  if e.metrics.get("dense_runtime_note")]
         report.write(records, tmp, line, notes)
         return {"variants": len(records), "samples": cfg.max_samples, "selected": choice}
 

@@ -97,6 +97,7 @@ def run(src: artifact.Artifact | None, cfg: Config, out: Path, *, data: artifact
         src = artifact.load(src.path, kind=KIND_HF)
         student_dir = src.path
     check_tokenizers(teacher.path, student_dir)
+    sparse = bool(src is not None and not cfg.student and src.metrics.get("sparsity"))
     parent = src if (src is not None and not cfg.student) else teacher
     inputs = {"teacher_id": teacher.id, "student": None if parent is src else str(student_dir),
               "data_id": data.id, "data_sha256": artifact.hash_files([data.path / TRAIN_FILE])}
@@ -121,6 +122,8 @@ def run(src: artifact.Artifact | None, cfg: Config, out: Path, *, data: artifact
             else:
                 teach = LiveTeacher(t_model, cfg.top_k)
             student = load(student_dir)
+            if sparse:  # an unstructured-pruned student keeps its zeros: their gradients are masked
+                keep_zeros(student)
             kl_before = eval_kl(student, teach, evals, cfg, pad, device)
             metrics = loop.fit(student, train, evals, cfg, device, pad, desc="distill",
                                loss_fn=lambda m, b: distill_loss(m(**_inputs(b)).logits, teach(b), b, cfg))
@@ -139,6 +142,18 @@ def run(src: artifact.Artifact | None, cfg: Config, out: Path, *, data: artifact
     return dist.build_on_every_rank(  # under `accelerate launch` every rank distills its share of each step
         out, aid, KIND_HF, lambda: artifact.build(out, kind=KIND_HF, stage="distill", params=cfg, parent=parent,
                                                   payload=payload, inputs=inputs), payload)
+
+
+def keep_zeros(model) -> int:
+    """Mask the gradients of every exactly-zero weight of the block projections (Adam then never moves them,
+    and decoupled weight decay keeps zero at zero); returns the weights held at zero."""
+    held = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}.":
+            mask = (mod.weight != 0).to(mod.weight.dtype)
+            held += int((mask == 0).sum())
+            mod.weight.register_hook(lambda g, m=mask: g * m)
+    return held
 
 
 def check_tokenizers(teacher_dir: Path, student_dir: Path) -> None:

@@ -189,3 +189,60 @@ def test_qwen2_with_qkv_bias_prunes_to_a_loadable_model(tmp_path):
     assert again.model.layers[0].self_attn.k_proj.bias.shape == (32,)
     assert prune.n_params(again) == prune.count_params({n: tuple(p.shape) for n, p in model.state_dict().items()},
                                                        model.config, sizes)
+
+
+def test_sparsify_zeroes_each_row_by_wanda_or_magnitude_score():
+    """By hand: one Linear, one loud input channel. Magnitude drops its small weight, Wanda keeps it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    examples = [([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6])] * 2
+    w0 = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    mag = LlamaForCausalLM(cfg).eval()
+    mag.load_state_dict(model.state_dict())
+    assert prune.sparsify(mag, examples, 0, 2, 0.5, "magnitude") == 0.5
+    down = mag.model.layers[0].mlp.down_proj.weight
+    assert ((down == 0).sum(1) == 8).all()  # half of each row of 16
+    ref = w0["model.layers.0.mlp.down_proj"]
+    kept = torch.zeros_like(ref, dtype=torch.bool).scatter_(1, torch.topk(ref.abs(), 8, dim=1).indices, True)
+    assert torch.equal(down != 0, kept)  # the 8 largest |w| of each row survive
+    assert torch.equal(mag.lm_head.weight, w0["lm_head"])  # only decoder-block projections are sparsified
+
+    # Wanda: scale the down_proj input channel 0 up 1000x through up_proj; its weights then score high
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0] *= 1000
+        model.model.layers[0].mlp.down_proj.weight[:, 0] = 1e-4  # tiny weights on the loud channel
+    wanda = LlamaForCausalLM(cfg).eval()
+    wanda.load_state_dict(model.state_dict())
+    prune.sparsify(wanda, examples, 0, 2, 0.5, "wanda")
+    assert (wanda.model.layers[0].mlp.down_proj.weight[:, 0] != 0).all()
+    prune.sparsify(model, examples, 0, 2, 0.5, "magnitude")
+    assert (model.model.layers[0].mlp.down_proj.weight[:, 0] == 0).all()
+
+
+def test_sparsity_stage_says_dense_runtimes_gain_nothing_and_distill_keeps_the_zeros(tuned_art, data_art, tmp_path):
+    from edgeft.stages import distill
+
+    art = prune.run(tuned_art, prune.Config(sparsity=0.5, calib_samples=8, max_length=64, dtype="float32"),
+                    tmp_path / "prune", data=data_art)
+    m = art.metrics
+    assert m["sparsity"] == 0.5 and m["params_after"] == m["params_before"]
+    assert "gain no speed" in m["dense_runtime_note"] and m["eval_loss_after"] is not None
+    zeros = lambda model: int(sum((mod.weight == 0).sum() for n, mod in model.named_modules()  # noqa: E731
+                                  if isinstance(mod, torch.nn.Linear) and ".layers." in f".{n}."))
+    before = zeros(_load(art.path))
+    assert before > 0
+    out = distill.run(art, distill.Config(max_steps=4, batch_size=4, lr=3e-3, max_length=64, eval_samples=4,
+                                          dtype="float32"), tmp_path / "distill", data=data_art, teacher=tuned_art)
+    student = _load(out.path)
+    assert zeros(student) == before  # masked gradients: Adam and weight decay never move a zero
+    assert not torch.equal(student.lm_head.weight, _load(art.path).lm_head.weight)  # the rest did train
+
+
+@pytest.mark.parametrize("bad", [{"sparsity": 0.95}, {"sparsity": -0.1}, {"sparsity_method": "sparsegpt"}])
+def test_bad_sparsity_is_refused(bad):
+    with pytest.raises(UserError, match="prune.sparsity"):
+        prune.validate(prune.Config(**bad))
