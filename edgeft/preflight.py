@@ -28,7 +28,7 @@ _BPW = {
     "gguf:q4_0": 4.5,  # 32 4-bit + one fp16 scale per block
     "onnx:fp32": 32.0, "onnx:fp16": 16.0,
     "onnx:int8": 8.0,  # per-channel scales are negligible; the embedding Gather is quantized too
-    "onnx:int4": 4.5,  # MatMulNBits block 32 + fp16-sized scale; the embedding Gather stays fp32
+    "onnx:int4": 5.0,  # MatMulNBits / GatherBlockQuantized: 4 bits + an fp32 scale per block of 32
 }
 _KV_BYTES = {"f16": 2, "f32": 4}
 _ONNX_KV_BYTES = {"fp16": 2}  # the other ONNX types keep an fp32 KV cache (the exported graph's dtype)
@@ -115,16 +115,15 @@ def estimate(shape: ModelShape, variant: str, profile) -> Estimate:
     """Footprint and decode bound of `variant` (FORMAT:QUANT) at the profile's context length."""
     fmt, _, quant = variant.partition(":")
     bpw = bits_per_weight(variant)
-    embed_bpw = 32.0 if variant == "onnx:int4" else bpw  # MatMulNBits leaves the Gather table alone
-    head = shape.head_params
-    weights = (shape.matrix_params + head) * bpw / 8 + shape.embed_params * embed_bpw / 8 + shape.vector_params * 4
+    head = shape.head_params  # every format quantizes the embedding table too (onnx int4: int4_embeddings)
+    weights = (shape.matrix_params + head + shape.embed_params) * bpw / 8 + shape.vector_params * 4
     ctx = context_length(shape, profile)
     kv_bytes = _ONNX_KV_BYTES.get(quant, 4) if fmt == "onnx" else _KV_BYTES[profile.kv_cache_type]
     kv_per_token = 2 * shape.n_layers * shape.kv_heads * shape.head_dim * kv_bytes  # K and V
     kv = kv_per_token * ctx
     # per token: every weight but the embedding table (one row), unless it doubles as the LM head,
     # plus the KV cache at half the context on average
-    read = weights - (shape.embed_params * embed_bpw / 8 if head else 0) + kv / 2
+    read = weights - (shape.embed_params * bpw / 8 if head else 0) + kv / 2
     tok_s = profile.bandwidth_gbs * 1e9 / read if read > 0 else 0.0
     total = weights + kv + profile.runtime_overhead_gb * GIB
     return Estimate(variant=variant, weights_gb=round(weights / GIB, 4), kv_cache_gb=round(kv / GIB, 4),

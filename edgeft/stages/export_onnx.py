@@ -58,6 +58,7 @@ class Config:
     int4_block_size: int = 32  # weights per MatMulNBits scale; K not a multiple is zero-padded
     int4_symmetric: bool = True  # no zero points: smaller; rtn only (hqq is always asymmetric)
     int4_accuracy_level: int = 4  # 4 = int8 activations on CPU (fastest); 0 = fp32 activations
+    int4_embeddings: bool = True  # the token embedding too (GatherBlockQuantized, RTN), as llama.cpp's K-quants do
     parity_new_tokens: int = 16  # greedy tokens compared per parity prompt
     parity_max_prompts: int = 0  # eval prompts checked for greedy/tokenizer parity (0 = all)
     parity_tf_prompts: int = 256  # prompts with teacher-forced logits kept (0 = all): prompts x len x vocab floats
@@ -173,8 +174,8 @@ def _export_all(hf_dir: Path, cfg: Config, types: tuple[str, ...], staging: Path
             Q.quantize_int8(base, out, cfg.int8_per_channel, cfg.int8_reduce_range, large)
         elif t == "int4":
             extra = Q.quantize_int4(base, out, algo=cfg.int4_algo, block_size=cfg.int4_block_size,
-                                    symmetric=cfg.int4_symmetric,
-                                    accuracy_level=cfg.int4_accuracy_level, large=large)
+                                    symmetric=cfg.int4_symmetric, accuracy_level=cfg.int4_accuracy_level,
+                                    embeddings=cfg.int4_embeddings, large=large)
         seconds = time.perf_counter() - t0  # from the fp32 graph (optimum) or the hf dir (genai)
         Q.check_graph(out)
         per_type[t] = {"size_bytes": Q.model_bytes(out), "export_s": round(seconds, 3),

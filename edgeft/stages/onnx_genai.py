@@ -79,7 +79,8 @@ def build(hf_dir: Path, out: Path, type_name: str, cfg) -> dict:
     opts = {"hf_token": "false", "filename": MODEL_FILE}
     if type_name == "int4":
         opts.update(block_size=cfg.int4_block_size, is_symmetric=str(cfg.int4_symmetric).lower(),
-                    accuracy_level=cfg.int4_accuracy_level)
+                    accuracy_level=cfg.int4_accuracy_level,
+                    op_types_to_quantize="MatMul/Gather" if cfg.int4_embeddings else "MatMul")
     cmd = [str(py), "-m", _BUILDER, "-i", str(hf_dir), "-o", str(out), "-p", type_name, "-e", "cpu",
            "-c", str(cache), "--extra_options", *(f"{k}={v}" for k, v in opts.items())]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONNOUSERSITE": "1"}
@@ -97,7 +98,8 @@ def build(hf_dir: Path, out: Path, type_name: str, cfg) -> dict:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out / name)
     quant = ({"algo": "rtn", "block_size": cfg.int4_block_size, "symmetric": cfg.int4_symmetric,
-              "accuracy_level": cfg.int4_accuracy_level} if type_name == "int4" else {})
+              "accuracy_level": cfg.int4_accuracy_level,
+              "embeddings": "int4 rtn" if cfg.int4_embeddings else "fp32"} if type_name == "int4" else {})
     import onnxruntime_genai
 
     return {"route": "genai", "runtime": "edgeft.runtime.onnx_genai.GenaiRuntime",

@@ -101,23 +101,34 @@ def quantize_int8(base: Path, out: Path, per_channel: bool, reduce_range: bool, 
 
 
 def quantize_int4(base: Path, out: Path, *, algo: str, block_size: int, symmetric: bool,
-                  accuracy_level: int, large: bool) -> dict:
-    """Weight-only int4 as com.microsoft MatMulNBits nodes (RTN or HQQ); returns what was applied."""
+                  accuracy_level: int, large: bool, embeddings: bool = True) -> dict:
+    """Weight-only int4: MatMul as com.microsoft MatMulNBits (RTN or HQQ), and with `embeddings` the token
+    embedding Gather as GatherBlockQuantized (RTN: onnxruntime has no HQQ Gather). Returns what was applied."""
+    import numpy as np
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  HQQWeightOnlyQuantConfig,
                                                                  MatMulNBitsQuantizer)
 
     copy_sidecars(base, out)
+    model = onnx.load(str(base / MODEL_FILE))
+    rtn_ops = ("MatMul", "Gather") if embeddings and algo == "rtn" else ("MatMul",)
+    passes = []
     if algo == "hqq":  # always asymmetric (it optimises scale and zero point together)
-        cfg = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",))
+        passes.append(HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",)))
+        if embeddings:  # then the embedding alone, round to nearest
+            passes.append(DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                                       accuracy_level=accuracy_level, op_types_to_quantize=("Gather",)))
     else:
-        cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                           accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
-    with quiet("onnxruntime.quantization.matmul_nbits_quantizer"):  # one INFO line per node
-        quant = MatMulNBitsQuantizer(onnx.load(str(base / MODEL_FILE)), algo_config=cfg)
-        quant.process()
-        nodes = [n for n in quant.model.model.graph.node if n.op_type == _MATMUL_NBITS]
+        passes.append(DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                                   accuracy_level=accuracy_level, op_types_to_quantize=rtn_ops))
+    # quiet: one INFO line per node, and numpy's divide warning on all-zero blocks (their scale is 0, handled)
+    with quiet("onnxruntime.quantization.matmul_nbits_quantizer"), np.errstate(divide="ignore", invalid="ignore"):
+        for cfg in passes:
+            quant = MatMulNBitsQuantizer(model, algo_config=cfg)
+            quant.process()
+            model = quant.model.model
+        nodes = [n for n in model.graph.node if n.op_type == _MATMUL_NBITS]
         if algo == "hqq":  # HQQ's config has no accuracy_level: set it on the nodes it wrote
             for n in nodes:
                 kept = [a for a in n.attribute if a.name != "accuracy_level"]
@@ -127,8 +138,13 @@ def quantize_int4(base: Path, out: Path, *, algo: str, block_size: int, symmetri
     if not nodes:
         raise StageFailure(f"{out / MODEL_FILE}: the int4 quantizer converted no MatMul to "
                            f"{_MATMUL_NBITS} (weights not initializers?); export int8 instead")
+    gathers = sum(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+    if embeddings and not gathers:
+        raise StageFailure(f"{out / MODEL_FILE}: int4_embeddings is on but the quantizer found no embedding "
+                           "Gather with constant weights; set export_onnx.int4_embeddings=false")
     return {"algo": algo, "block_size": block_size, "symmetric": symmetric if algo == "rtn" else False,
-            "accuracy_level": accuracy_level, "matmulnbits_nodes": len(nodes)}
+            "accuracy_level": accuracy_level, "matmulnbits_nodes": len(nodes),
+            "embeddings": f"int4 rtn ({gathers} GatherBlockQuantized)" if gathers else "fp32"}
 
 
 def check_graph(model_dir: Path, model_file: str = MODEL_FILE) -> None:

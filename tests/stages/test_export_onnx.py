@@ -81,7 +81,8 @@ def test_layout_manifest_and_metrics(exported):
     assert fp32["greedy_match"] == 1.0 and fp32["greedy_near_tie_flips"] == 0 and fp32["kld"] < 1e-6
     assert art.metrics["route"]["route"] == "optimum" and art.metrics["tokenizer_prompts_checked"] == 4
     assert art.metrics["types"]["int4"]["quant"] == {"algo": "rtn", "block_size": 32, "symmetric": True,
-                                                     "accuracy_level": 4, "matmulnbits_nodes": 15}
+                                                     "accuracy_level": 4, "matmulnbits_nodes": 15,
+                                                     "embeddings": "int4 rtn (1 GatherBlockQuantized)"}
     assert fp32["max_abs_logit_diff"] < 1e-4
     assert not any(p.name.startswith(".") for p in art.path.iterdir())  # temp base removed
     sizes = {t: art.metrics["types"][t]["size_bytes"] for t in ex.VALID_TYPES}
@@ -117,6 +118,8 @@ def test_fp16_and_int4_load_and_generate(exported, torch_ref):
     ops = {t: {n.op_type for n in onnx.load(str(exported.path / t / MODEL_FILE)).graph.node}
            for t in ("int8", "int4")}
     assert "MatMulNBits" in ops["int4"] and "MatMulInteger" in ops["int8"]
+    assert "GatherBlockQuantized" in ops["int4"]  # the token embedding too (int4_embeddings)
+    assert exported.metrics["types"]["int4"]["quant"]["embeddings"].startswith("int4 rtn")
     ids = torch_ref[0][0]
     for t in ("fp16", "int4"):
         rt = OnnxRuntime(exported.path / t)
@@ -262,6 +265,19 @@ def test_int4_hqq_is_asymmetric_with_accuracy_level(hf, torch_ref):
     assert {onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute
             if a.name == "accuracy_level"} == {4}
     assert _top1_agreement(art.path / "int4", torch_ref) >= 0.3  # random weights, like rtn (~0.5)
+    assert q["embeddings"].startswith("int4 rtn")  # HQQ has no Gather: the embedding goes through RTN
+
+
+def test_int4_embeddings_off_keeps_the_embedding_fp32_and_costs_bytes(hf, exported, torch_ref):
+    import onnx
+
+    art = ex.run(hf, ex.Config(types=("int4",), int4_embeddings=False, **NO_MIN), hf.path.parent / "int4-fp32emb")
+    ops = {n.op_type for n in onnx.load(str(art.path / "int4" / MODEL_FILE)).graph.node}
+    assert "GatherBlockQuantized" not in ops and "Gather" in ops
+    t = art.metrics["types"]["int4"]
+    assert t["quant"]["embeddings"] == "fp32"
+    assert t["size_bytes"] > exported.metrics["types"]["int4"]["size_bytes"]
+    assert _top1_agreement(art.path / "int4", torch_ref) >= 0.3
 
 
 def test_config_is_frozen_and_documented():

@@ -69,7 +69,7 @@ def test_fused_gqa_graph(genai):
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(genai.path / "int4" / MODEL_FILE), load_external_data=False).graph.node}
-    assert {"GroupQueryAttention", "MatMulNBits"} <= ops and "Attention" not in ops
+    assert {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized"} <= ops and "Attention" not in ops
 
 
 def test_genai_runtime_matches_torch_and_plain_onnxruntime(genai, torch_greedy):
