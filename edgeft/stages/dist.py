@@ -22,8 +22,16 @@ def world() -> tuple[int, int]:
 
 def launched() -> bool:
     """Whether accelerate (or torchrun) started this process as one rank of several, or with a plugin."""
-    return world()[1] > 1 or os.environ.get("ACCELERATE_USE_FSDP") == "true" \
-        or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    return world()[1] > 1 or sharded() is not None
+
+
+def sharded() -> str | None:
+    """'FSDP' or 'DeepSpeed' when the launcher shards parameters across ranks, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        return "DeepSpeed"
+    return None
 
 
 def accelerator(cpu: bool | None = None):

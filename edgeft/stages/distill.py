@@ -87,6 +87,9 @@ def run(src: artifact.Artifact | None, cfg: Config, out: Path, *, data: artifact
         teacher: artifact.Artifact) -> artifact.Artifact:
     """Distill `teacher` into the student (`src`, or `cfg.student` when given) on the `data` train split."""
     validate(cfg)
+    if dist.sharded():  # the student is saved from rank 0's module: with sharded parameters that is a shard
+        raise UserError(f"distill: runs on one process or under DDP (configs/accelerate/ddp.yaml), not under "
+                        f"{dist.sharded()}; launch with the DDP config, or set distill.epochs=0 for this run")
     if src is None and not cfg.student:
         raise UserError("distill: no student; set prune.ratio (distill the pruned model) or distill.student=DIR")
     teacher = artifact.load(teacher.path, kind=KIND_HF)

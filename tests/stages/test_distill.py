@@ -171,3 +171,11 @@ def test_tiny_pipeline_prunes_distills_exports_and_benches_the_shrunk_model(tmp_
     assert (tmp_path / "run" / "onnx-distill" / "fp32" / "model.onnx").is_file()
     names = [r["name"] for r in json.loads((tmp_path / "run" / "bench" / "report.json").read_text())]
     assert {"tuned", "prune", "distill", "gguf-q4_k_m", "distill-gguf-q4_k_m", "distill-onnx-fp32"} <= set(names)
+
+
+def test_sharded_launch_is_refused_rather_than_saving_a_shard(arts, tmp_path, monkeypatch):
+    d, teacher, student = arts
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match=r"under DDP \(configs/accelerate/ddp.yaml\), not under FSDP"):
+        distill.run(student, distill.Config(**_FAST), tmp_path / "distill", data=d, teacher=teacher)
+    assert not (tmp_path / "distill").exists()
