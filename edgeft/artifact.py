@@ -249,12 +249,22 @@ def lineage(path: str | Path) -> list[Artifact]:
     while art is not None and art.id not in seen:
         chain.append(art)
         seen.add(art.id)
-        parent = art.manifest.get("parent")
-        if not parent:
-            break
-        ppath = Path(parent["path"])
-        art = load(ppath, verify=False) if (ppath / MANIFEST_NAME).is_file() else None
+        art = parent_of(art)
     return chain
+
+
+def parent_of(art: Artifact) -> Artifact | None:
+    """`art`'s recorded parent (unverified): at its recorded path, else beside `art` under the same name (a run
+    dir that was moved or copied keeps its lineage); only an artifact with the recorded id counts."""
+    parent = art.manifest.get("parent")
+    if not parent:
+        return None
+    for cand in (Path(parent["path"]), art.path.parent / Path(parent["path"]).name):
+        if (cand / MANIFEST_NAME).is_file():
+            found = load(cand, verify=False)
+            if found.id == parent.get("id", found.id):
+                return found
+    return None
 
 
 def library_versions() -> dict:

@@ -76,3 +76,19 @@ def test_lineage_walks_back_to_root(tmp_path):
     assert [x.stage for x in artifact.lineage(c.path)] == ["export_gguf", "train", "data"]
     assert c.id != artifact.build(tmp_path / "d", kind="gguf", stage="export_gguf", params={}, parent=a,
                                   payload=_write("3")).id  # the parent is part of the id
+
+
+def test_lineage_survives_moving_the_run_dir(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    a = artifact.build(run / "data", kind="data", stage="data", params={"x": 1}, parent=None, payload=lambda d: {})
+    b = artifact.build(run / "train", kind="hf", stage="train", params={}, parent=a, payload=lambda d: {})
+    assert [x.stage for x in artifact.lineage(b.path)] == ["train", "data"]
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(run), str(moved))
+    chain = artifact.lineage(moved / "train")
+    assert [x.stage for x in chain] == ["train", "data"] and chain[1].path == moved / "data"
+    # a different artifact at the recorded place is not the parent
+    artifact.build(moved / "data", kind="data", stage="data", params={"x": 2}, parent=None, payload=lambda d: {})
+    assert [x.stage for x in artifact.lineage(moved / "train")] == ["train"]

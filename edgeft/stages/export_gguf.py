@@ -22,7 +22,7 @@ from pathlib import Path
 
 from edgeft import artifact, gguf_imatrix, gguf_lora, gguf_modelfile, gguf_parity, gguf_writer
 from edgeft.artifact import Artifact
-from edgeft.constants import (ADAPTER_DIR, EVAL_FILE, KIND_ADAPTER, KIND_GGUF, KIND_HF, MANIFEST_NAME,
+from edgeft.constants import (ADAPTER_DIR, EVAL_FILE, KIND_ADAPTER, KIND_GGUF, KIND_HF,
                               TOKENIZER_FILES, TRAIN_FILE)
 from edgeft.errors import StageFailure, UserError
 from edgeft.stages import hf_io
@@ -195,9 +195,9 @@ def _adapter_source(src: Artifact) -> Artifact:
     """The adapter artifact to export: `src` itself, or the adapter a merge artifact was made from."""
     if src.kind == KIND_ADAPTER:
         return artifact.load(src.path, kind=KIND_ADAPTER)
-    parent = src.manifest.get("parent") or {}
-    if src.kind == KIND_HF and parent.get("kind") == KIND_ADAPTER and (Path(parent["path"]) / MANIFEST_NAME).is_file():
-        return artifact.load(parent["path"], kind=KIND_ADAPTER)
+    parent = artifact.parent_of(src) if src.kind == KIND_HF else None
+    if parent is not None and parent.kind == KIND_ADAPTER:
+        return artifact.load(parent.path, kind=KIND_ADAPTER)
     raise UserError(f"{src.path}: export_gguf.adapter=true needs a LoRA adapter artifact (train with "
                     f"train.method=lora or qlora) or a merge of one; got a '{src.kind}' from {src.stage}")
 
