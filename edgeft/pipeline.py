@@ -17,6 +17,7 @@ from edgeft.config import apply_overrides, from_dict, load_yaml
 from edgeft.constants import EMBEDDED, KIND_ADAPTER
 from edgeft.errors import UserError
 from edgeft.profile import Profile
+from edgeft.stages import dist  # torch-free until a stage joins a process group
 
 # The stage registry: literal and ordered, modules imported only when a stage runs.
 STAGES = {
@@ -118,8 +119,6 @@ def run(recipe: dict, profile: Profile, out: Path) -> dict[str, artifact.Artifac
 def _run(recipe: dict, profile: Profile, out: Path, base_src) -> dict[str, artifact.Artifact]:
     """The chain. Under `accelerate launch` train and distill run on every rank; the stages between run on
     rank 0 first (the other ranks then find them finished) and the rest, exports and bench, on rank 0 alone."""
-    from edgeft.stages import dist
-
     with dist.main_first():
         arts = {"data": stage("data").run(None, recipe["data"], out / "data")}
         if base_src is None:
@@ -154,8 +153,6 @@ def _shrink(recipe: dict, out: Path, tuned: artifact.Artifact, arts: dict) -> ar
     prune, distill = stage("prune"), stage("distill")
     shrunk = None
     if prune.enabled(recipe["prune"]):
-        from edgeft.stages import dist
-
         with dist.main_first():
             shrunk = arts["prune"] = prune.run(tuned, recipe["prune"], out / "prune", data=arts["data"])
     if distill.enabled(recipe["distill"]):

@@ -32,7 +32,7 @@ def usable_threads(requested: int) -> int:
 
 def open_runtime(variant: dict, cfg: dict):
     """The runtime for a variant's format."""
-    fmt, path, threads = variant["format"], variant["path"], usable_threads(cfg["threads"])
+    fmt, path, threads = variant["format"], variant["path"], cfg["threads"]
     if fmt == "torch":
         from edgeft.runtime.hf import HFRuntime
         return HFRuntime(path, n_threads=threads)
@@ -48,7 +48,8 @@ def open_runtime(variant: dict, cfg: dict):
 
 def measure(variant: dict, samples: dict, ref_path: Path, save_ref: bool) -> dict:
     """Latency, then generation on every sample, perplexity, and teacher-forced agreement with the reference."""
-    cfg = samples["config"]
+    requested = samples["config"]["threads"]
+    cfg = {**samples["config"], "threads": usable_threads(requested)}
     t0 = time.perf_counter()
     rt = open_runtime(variant, cfg)
     load_s = time.perf_counter() - t0
@@ -98,7 +99,7 @@ def measure(variant: dict, samples: dict, ref_path: Path, save_ref: bool) -> dic
         "decode_tok_s_minmax": [round(dec["min"], 1), round(dec["max"], 1)],
         "bytes_per_token": int(fp.bytes_per_token(lat["decode_context"])),
         "predicted_footprint_mb": round(fp.memory_mb(cfg["n_ctx"]), 1),
-        "threads": usable_threads(cfg["threads"]), "threads_requested": cfg["threads"],
+        "threads": cfg["threads"], "threads_requested": requested,
         "latency": lat,
     }
     if "decode_tok_s_llama" in lat:

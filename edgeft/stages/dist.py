@@ -82,20 +82,22 @@ def all_sum(values: list[float], device) -> list[float]:
     return acc.reduce(t, reduction="sum").tolist()
 
 
-def build_on_every_rank(out: Path, aid: str, kind: str, build: Callable, payload: Callable[[Path], dict]):
-    """An artifact whose payload every rank computes (its collectives need them all) and rank 0 publishes.
+def build_on_every_rank(out: Path, payload: Callable[[Path], dict], *, kind: str, stage: str, params, parent,
+                        inputs: dict):
+    """`artifact.build(out, ...)` for a payload every rank computes (its collectives need them all).
 
-    Rank 0 runs `build()` (artifact.build with `payload`); the others run `payload` into a scratch dir
-    (it returns before writing anything off rank 0) unless the artifact `aid` is already finished. All
-    ranks then return the one artifact rank 0 wrote. Alone, this is `build()`.
+    Rank 0 builds and publishes; the others run `payload` into a scratch dir (it returns before writing
+    anything off rank 0) unless that artifact is already finished. Every rank returns the one artifact
+    rank 0 wrote. Alone, this is `artifact.build`.
     """
     from edgeft import artifact
 
-    art = None
     if is_main():
-        art = build()
-    elif artifact.find_finished(Path(out), aid) is None:
+        art = artifact.build(out, kind=kind, stage=stage, params=params, parent=parent, payload=payload,
+                             inputs=inputs)
+    elif artifact.find_finished(Path(out), artifact.artifact_id(parent.id if parent else None, stage, params,
+                                                                inputs)) is None:
         with tempfile.TemporaryDirectory() as scratch:
             payload(Path(scratch))
     barrier()
-    return art if art is not None else artifact.load(out, kind=kind, verify=False)
+    return art if is_main() else artifact.load(out, kind=kind, verify=False)

@@ -24,7 +24,7 @@ from edgeft.constants import EVAL_FILE, KIND_DATA, KIND_HF, TEACHER_CACHE_FILE, 
 from edgeft.data import IGNORE_INDEX, read_jsonl
 from edgeft.errors import UserError
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import dist, hf_io, loop
+from edgeft.stages import dist, hf_io, loop, sparsity
 
 LOSSES = ("forward", "reverse", "mixed")
 POSITIONS = ("all", "answer")
@@ -126,7 +126,7 @@ def run(src: artifact.Artifact | None, cfg: Config, out: Path, *, data: artifact
                 teach = LiveTeacher(t_model, cfg.top_k)
             student = load(student_dir)
             if sparse:  # an unstructured-pruned student keeps its zeros: their gradients are masked
-                keep_zeros(student)
+                sparsity.keep_zeros(student)
             kl_before = eval_kl(student, teach, evals, cfg, pad, device)
             metrics = loop.fit(student, train, evals, cfg, device, pad, desc="distill",
                                loss_fn=lambda m, b: distill_loss(m(**_inputs(b)).logits, teach(b), b, cfg))
@@ -141,22 +141,9 @@ def run(src: artifact.Artifact | None, cfg: Config, out: Path, *, data: artifact
         loop.plot_loss(metrics["loss_curve"], tmp / "loss.png")
         return metrics
 
-    aid = artifact.artifact_id(parent.id, "distill", cfg, inputs)
-    return dist.build_on_every_rank(  # under `accelerate launch` every rank distills its share of each step
-        out, aid, KIND_HF, lambda: artifact.build(out, kind=KIND_HF, stage="distill", params=cfg, parent=parent,
-                                                  payload=payload, inputs=inputs), payload)
-
-
-def keep_zeros(model) -> int:
-    """Mask the gradients of every exactly-zero weight of the block projections (Adam then never moves them,
-    and decoupled weight decay keeps zero at zero); returns the weights held at zero."""
-    held = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}.":
-            mask = (mod.weight != 0).to(mod.weight.dtype)
-            held += int((mask == 0).sum())
-            mod.weight.register_hook(lambda g, m=mask: g * m)
-    return held
+    # under `accelerate launch` every rank distills its share of each step; rank 0 publishes
+    return dist.build_on_every_rank(out, payload, kind=KIND_HF, stage="distill", params=cfg, parent=parent,
+                                    inputs=inputs)
 
 
 def check_tokenizers(teacher_dir: Path, student_dir: Path) -> None:

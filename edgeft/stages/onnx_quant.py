@@ -101,7 +101,7 @@ def quantize_int8(base: Path, out: Path, per_channel: bool, reduce_range: bool, 
 
 
 def quantize_int4(base: Path, out: Path, *, algo: str, block_size: int, symmetric: bool,
-                  accuracy_level: int, large: bool, embeddings: bool = True) -> dict:
+                  accuracy_level: int, embeddings: bool, large: bool) -> dict:
     """Weight-only int4: MatMul as com.microsoft MatMulNBits (RTN or HQQ), and with `embeddings` the token
     embedding Gather as GatherBlockQuantized (RTN: onnxruntime has no HQQ Gather). Returns what was applied."""
     import numpy as np
@@ -112,16 +112,17 @@ def quantize_int4(base: Path, out: Path, *, algo: str, block_size: int, symmetri
 
     copy_sidecars(base, out)
     model = onnx.load(str(base / MODEL_FILE))
-    rtn_ops = ("MatMul", "Gather") if embeddings and algo == "rtn" else ("MatMul",)
-    passes = []
-    if algo == "hqq":  # always asymmetric (it optimises scale and zero point together)
-        passes.append(HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",)))
-        if embeddings:  # then the embedding alone, round to nearest
-            passes.append(DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                                       accuracy_level=accuracy_level, op_types_to_quantize=("Gather",)))
+
+    def rtn(*ops: str):
+        return DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                            accuracy_level=accuracy_level, op_types_to_quantize=ops)
+
+    gather = ("Gather",) if embeddings else ()
+    if algo == "hqq":  # always asymmetric (it optimises scale and zero point together); the embedding by RTN
+        passes = [HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",))]
+        passes += [rtn(*gather)] if gather else []
     else:
-        passes.append(DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                                   accuracy_level=accuracy_level, op_types_to_quantize=rtn_ops))
+        passes = [rtn("MatMul", *gather)]
     # quiet: one INFO line per node, and numpy's divide warning on all-zero blocks (their scale is 0, handled)
     with quiet("onnxruntime.quantization.matmul_nbits_quantizer"), np.errstate(divide="ignore", invalid="ignore"):
         for cfg in passes:

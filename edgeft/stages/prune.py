@@ -11,10 +11,9 @@ tokens excluded (Minitron, arXiv 2407.14679; block influence from ShortGPT, arXi
 Every block keeps the same sizes (a config has one intermediate_size and one head count). Dense runtimes run
 the result faster simply because it is a smaller model.
 
-Unstructured sparsity (`sparsity` > 0, after any structured pruning) zeroes that share of each output row of
-every block projection, by |W| (magnitude) or by |W| x the L2 norm of its input channel on the calibration
-tokens (Wanda, arXiv 2306.11695). The model stays dense: same bytes, same speed in llama.cpp and onnxruntime;
-the manifest and the bench report say so.
+Unstructured sparsity (`sparsity` > 0, after any structured pruning; edgeft.stages.sparsity) zeroes weights
+by magnitude or Wanda. The model stays dense: same bytes, same speed in llama.cpp and onnxruntime; the
+manifest and the bench report say so.
 """
 
 from __future__ import annotations
@@ -31,14 +30,10 @@ from edgeft.constants import EVAL_FILE, KIND_DATA, KIND_HF, PRUNE_PLAN_FILE, TRA
 from edgeft.data import IGNORE_INDEX, read_jsonl
 from edgeft.errors import UserError
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import hf_io, loop
+from edgeft.stages import hf_io, loop, sparsity
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm + GQA attention + gated MLP, same tensor names
 AXES = ("depth", "mlp", "heads", "hidden")
-SPARSITY_METHODS = ("wanda", "magnitude")
-DENSE_NOTE = ("unstructured sparsity: {pct:.0%} of the block projection weights are zero, but the model is stored "
-              "and run dense: llama.cpp and onnxruntime gain no speed and no bytes from it (size and speed only "
-              "change with structured pruning: depth, mlp, heads, hidden)")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Dim roles of every tensor, by name: 'hid' residual, 'qh' query-head rows, 'kv' KV rows, 'ffn' MLP channels.
 _ROLES = (
@@ -98,8 +93,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"prune.dtype: '{cfg.dtype}' is not one of {', '.join(DTYPES)}")
     if not 0 <= cfg.sparsity <= 0.9:
         raise UserError(f"prune.sparsity: {cfg.sparsity} not in 0..0.9 (share of each weight row zeroed)")
-    if cfg.sparsity_method not in SPARSITY_METHODS:
-        raise UserError(f"prune.sparsity_method: '{cfg.sparsity_method}' is not one of {', '.join(SPARSITY_METHODS)}")
+    if cfg.sparsity_method not in sparsity.METHODS:
+        raise UserError(f"prune.sparsity_method: '{cfg.sparsity_method}' is not one of {', '.join(sparsity.METHODS)}")
 
 
 def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifact) -> artifact.Artifact:
@@ -135,11 +130,11 @@ def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifa
                    "candidates": scored, "calib_examples": len(calib)}
         metrics["param_ratio"] = round(metrics["params_after"] / metrics["params_before"], 4)
         if cfg.sparsity > 0:
-            share = sparsify(small, calib, pad, cfg.batch_size, cfg.sparsity, cfg.sparsity_method)
+            share = sparsity.sparsify(small, calib, pad, cfg.batch_size, cfg.sparsity, cfg.sparsity_method)
             metrics.update(sparsity=share, sparsity_method=cfg.sparsity_method,
                            calib_loss_after=mean_loss(small, calib, pad, cfg.batch_size),
                            eval_loss_after=mean_loss(small, evals, pad, cfg.batch_size),
-                           dense_runtime_note=DENSE_NOTE.format(pct=share))
+                           dense_runtime_note=sparsity.DENSE_NOTE.format(pct=share))
         small.to(DTYPES[cfg.dtype]).save_pretrained(tmp, safe_serialization=True)
         hf_io.copy_tokenizer(src.path, tmp)
         (tmp / PRUNE_PLAN_FILE).write_text(json.dumps(plan, sort_keys=True) + "\n")
@@ -326,48 +321,6 @@ def prune_model(model, plan: dict):
     small.load_state_dict(new_sd, strict=True)
     small.generation_config = model.generation_config
     return small.eval()
-
-
-@torch.no_grad()
-def sparsify(model, examples: list, pad_id: int, batch_size: int, sparsity: float, method: str) -> float:
-    """Zero `sparsity` of every output row of each decoder-block Linear in place; returns the share zeroed.
-
-    Scores are |W| (magnitude) or |W_ij| * ||X_j||_2 over the calibration tokens (Wanda: a small weight on a
-    loud input channel still matters). Rows compete on their own, as in Wanda's per-output comparison group.
-    """
-    linears = {n: m for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and _LAYER.match(n + ".")}
-    norms: dict = {}
-    if method == "wanda":
-        sq = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
-        state = {"mask": None}
-
-        def hook(name):
-            def pre(mod, args):
-                sq[name] += (args[0][state["mask"]].double() ** 2).sum(0)
-            return pre
-
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-        try:
-            for i in range(0, len(examples), batch_size):
-                batch = loop.collate(examples[i:i + batch_size], pad_id, torch.device("cpu"))
-                state["mask"] = batch["attention_mask"].bool()
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        finally:
-            for h in handles:
-                h.remove()
-        norms = {n: v.sqrt().float() for n, v in sq.items()}
-    zeroed = total = 0
-    for n, m in linears.items():
-        w = m.weight
-        k = int(w.shape[1] * sparsity)
-        total += w.numel()
-        if k == 0:
-            continue
-        score = w.abs() * norms[n][None, :] if method == "wanda" else w.abs()
-        w.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, 0.0)
-        zeroed += k * w.shape[0]
-    return round(zeroed / max(total, 1), 4)
 
 
 @torch.no_grad()

@@ -108,9 +108,8 @@ def run(src, cfg: Config, out: Path, *, data: artifact.Artifact, trust_remote_co
         loop.plot_loss(metrics["loss_curve"], tmp / "loss.png", metrics["eval_curve"])
         return metrics
 
-    art = dist.build_on_every_rank(
-        out, aid, kind, lambda: artifact.build(out, kind=kind, stage="train", params=params, parent=parent,
-                                               payload=payload, inputs=inputs), payload)
+    art = dist.build_on_every_rank(out, payload, kind=kind, stage="train", params=params, parent=parent,
+                                   inputs=inputs)
     if ckpt_dir is not None:
         checkpoint.remove(ckpt_dir)
     return art

@@ -10,7 +10,7 @@ from edgeft import artifact, data
 from edgeft.constants import PRUNE_PLAN_FILE
 from edgeft.errors import UserError
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import prune
+from edgeft.stages import prune, sparsity
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_sparsify_zeroes_each_row_by_wanda_or_magnitude_score():
     w0 = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     mag = LlamaForCausalLM(cfg).eval()
     mag.load_state_dict(model.state_dict())
-    assert prune.sparsify(mag, examples, 0, 2, 0.5, "magnitude") == 0.5
+    assert sparsity.sparsify(mag, examples, 0, 2, 0.5, "magnitude") == 0.5
     down = mag.model.layers[0].mlp.down_proj.weight
     assert ((down == 0).sum(1) == 8).all()  # half of each row of 16
     ref = w0["model.layers.0.mlp.down_proj"]
@@ -217,9 +217,9 @@ def test_sparsify_zeroes_each_row_by_wanda_or_magnitude_score():
         model.model.layers[0].mlp.down_proj.weight[:, 0] = 1e-4  # tiny weights on the loud channel
     wanda = LlamaForCausalLM(cfg).eval()
     wanda.load_state_dict(model.state_dict())
-    prune.sparsify(wanda, examples, 0, 2, 0.5, "wanda")
+    sparsity.sparsify(wanda, examples, 0, 2, 0.5, "wanda")
     assert (wanda.model.layers[0].mlp.down_proj.weight[:, 0] != 0).all()
-    prune.sparsify(model, examples, 0, 2, 0.5, "magnitude")
+    sparsity.sparsify(model, examples, 0, 2, 0.5, "magnitude")
     assert (model.model.layers[0].mlp.down_proj.weight[:, 0] == 0).all()
 
 
