@@ -2,21 +2,36 @@
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.edgeft-installed
 PROFILE ?= x86-cpu
 OUT ?= runs/demo
 
 .PHONY: setup demo test test-all export clean genai-env
 
+# llama.cpp is compiled here, for this CPU's instruction set with explicit flags (never -march=native,
+# never AMX: see edgeft/host.py), into a wheel cached per feature set: a wheel is reused only on a
+# CPU with the same features, never (as pip's own wheel cache would) on whatever CPU comes next.
+# About 5 minutes on 2 cores the first time on a feature set.
+LLAMA_VERSION := 0.3.36
+LLAMA_KEY := $(shell $(PY) -m edgeft.host wheel-key)
+LLAMA_WHEELS := $(or $(EDGEFT_HOME),$(HOME)/.cache/edgeft)/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
+STAMP := $(VENV)/.edgeft-installed-$(LLAMA_KEY)
+
 setup: $(STAMP)
 
-# torch first (the CPU wheel, never a CUDA build), then everything else under the same pins.
-# llama-cpp-python compiles llama.cpp (~5 min on 2 cores) the first time; pip caches the wheel.
-$(STAMP): pyproject.toml constraints.txt
+# torch first (the CPU wheel, never a CUDA build), then llama.cpp, then everything else under the same pins.
+$(STAMP): pyproject.toml constraints.txt edgeft/host.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
+	@if ! ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	  echo "building llama.cpp $(LLAMA_VERSION) for this CPU ($(LLAMA_KEY)): $$($(PY) -m edgeft.host cmake-args)"; \
+	  rm -rf $(LLAMA_WHEELS).part && \
+	  CMAKE_ARGS="$$($(PY) -m edgeft.host cmake-args)" $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir \
+	    --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_VERSION) -w $(LLAMA_WHEELS).part && \
+	  mv $(LLAMA_WHEELS).part $(LLAMA_WHEELS); fi
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,onnx,gguf,dev]"
+	rm -f $(VENV)/.edgeft-installed*
 	touch $(STAMP)
 
 # The onnxruntime-genai model builder (export_onnx route: genai) needs transformers 5, which cannot

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import shutil
 from pathlib import Path
 
@@ -174,16 +173,10 @@ def resolve_source(src: Path, data: Path | None = None) -> tuple[Artifact, Artif
 
 
 def host_description() -> dict:
-    """The build host the bench numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "system": platform.system()}
+    """The build host the bench numbers were measured on (CPU model, cores, numerics-relevant ISA)."""
+    from edgeft import host
+
+    return host.describe()
 
 
 def _example_question(data_art: Artifact) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft import host
 from edgeft.errors import StageFailure
 
 # Gate tolerance: max |logit - torch| / max |torch logit| for the gate file (F16 KV cache, as deployed).
@@ -172,7 +173,7 @@ def run_child(files: dict[str, Path], prompts: list[list[int]], tmp: Path,
     if proc.returncode != 0 or len(results) != len(files):
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
         raise StageFailure(f"llama.cpp could not load or run {files.get(loading, loading)} "
-                           f"(exit code {proc.returncode}):\n{tail}")
+                           f"({host.describe_exit(proc.returncode)}):\n{tail}")
     return results
 
 

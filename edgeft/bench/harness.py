@@ -14,6 +14,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgeft import host
 from edgeft.bench.latency import prompt_lengths
 from edgeft.errors import StageFailure, UserError
 from edgeft.runtime.prompt import PromptFormatter
@@ -64,7 +65,8 @@ def run_bench(variants: list[Variant], eval_records: list[dict], tokenizer_dir: 
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise StageFailure(f"bench: variant {v.name} ({v.path}) failed: {tail[0]}")
+            raise StageFailure(f"bench: variant {v.name} ({v.path}) failed ({host.describe_exit(proc.returncode)}): "
+                               f"{tail[0]}")
         records.append(json.loads(out.read_text()))
     return records
 

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgeft import host
+
 _PACKAGES = (("edgeft", "edgeft"), ("numpy", "numpy"), ("tokenizers", "tokenizers"),
              ("onnxruntime", "onnxruntime"), ("onnxruntime-gpu", "onnxruntime"),
              ("llama-cpp-python", "llama_cpp"))
@@ -40,6 +42,8 @@ def report(bundle_path: str | Path | None = None, seconds: float = 10.0, threads
         except md.PackageNotFoundError:
             if dist != "onnxruntime-gpu":
                 say(f"  {dist:<17} not installed")
+    cpu = host.describe()
+    say(f"cpu: {cpu['cpu']}; numerics-relevant ISA: {', '.join(cpu['isa']) or 'none reported'}")
     status = {"llama_cpp": _llama_cpp(say), "onnxruntime": _onnxruntime(say)}
     _gpu_system(say)
     avail = _memory(say)
@@ -56,10 +60,14 @@ def _llama_cpp(say) -> bool:
     except ImportError as e:
         say(f"llama.cpp: cannot import llama_cpp ({e})")
         return False
+    from edgeft.runtime import smoke
+
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     say(f"llama.cpp: GPU offload {'supported' if gpu else 'not supported (CPU build)'}; "
         f"mmap {'yes' if llama_cpp.llama_supports_mmap() else 'no'}")
-    return True
+    ok, line = smoke.check()  # in a child: a build this CPU cannot run dies there, not here
+    say(f"llama.cpp: {line}" if not ok else line)
+    return ok
 
 
 def _onnxruntime(say) -> bool:

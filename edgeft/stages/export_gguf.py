@@ -214,7 +214,8 @@ def _adapter_models(adapter_art: Artifact, tmp: Path, staging: Path) -> tuple[Pa
     train_cfg = adapter_art.manifest["params"]["config"]
     base_dir = hf_io.resolve_model(adapter_art.manifest["inputs"]["base_model"])
     adapter_dir = adapter_art.path / ADAPTER_DIR
-    merged, checks = merge.merge(base_dir, adapter_dir, train_cfg, merge.Config(dtype="float32"))
+    merged, checks = merge.merge(base_dir, adapter_dir, train_cfg, merge.Config(dtype="float32"),
+                                 adapter_art.manifest["inputs"].get("base_weights_sha256"))
     reference = tmp / "merged"
     merged.save_pretrained(reference, safe_serialization=True)
     hf_io.copy_tokenizer(adapter_art.path, reference)
@@ -222,11 +223,7 @@ def _adapter_models(adapter_art: Artifact, tmp: Path, staging: Path) -> tuple[Pa
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        quant = AutoModelForCausalLM.from_pretrained(
-            base_dir, quantization_config=hf_io.bnb_config(train_cfg["quant_type"], train_cfg["double_quant"],
-                                                           torch.float32), dtype=torch.float32,
-            device_map={"": "cpu"})
-        merge._load_dequantized(quant, base)
+        merge.load_dequantized(merge.load_nf4(base_dir, train_cfg), base)
         model_dir = tmp / "base-dequantized"
         base.save_pretrained(model_dir, safe_serialization=True)
         hf_io.copy_tokenizer(adapter_art.path, model_dir)

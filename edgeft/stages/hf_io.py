@@ -98,6 +98,12 @@ def tokenizer_hash(model_dir: Path) -> str:
     return artifact.hash_files([model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()])
 
 
+def weights_hash(model_dir: Path) -> str:
+    """sha256 over a model dir's weight files (safetensors, else pytorch .bin), in name order."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("pytorch_model*.bin"))
+    return artifact.hash_files(files)
+
+
 def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
     """Copy the tokenizer and generation files so the artifact stands alone."""
     dst_dir.mkdir(parents=True, exist_ok=True)

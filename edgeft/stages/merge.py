@@ -1,9 +1,13 @@
 """Merge a LoRA/QLoRA adapter into a 16-bit copy of its base, and prove the merge is right.
 
 QLoRA adapters were trained against the NF4-dequantized base, so they are merged into exactly
-those dequantized weights, as QLoRA intends. After merging, two checks run in fp32 and are
-recorded: merged logits equal base+adapter logits (max |diff| <= tolerance), and the merged model
-differs from the base (an adapter that changed nothing is a failed fine-tune, not a success).
+those dequantized weights, as QLoRA intends. The check means the same on every host and model:
+the merged model is compared with base + unmerged adapter evaluated on the very same fp32 weights
+(no 4-bit kernel in between), by the largest logit difference relative to the logit scale, by
+decisive top-1 changes (those the difference cannot explain) and by the mean KL. The base must be
+the one the adapter was trained on (weights sha256), and the merged model must differ from the
+base. How far the 4-bit kernel this host runs is from those fp32 weights is measured beside it,
+with the kernel's name, as a metric only.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 @dataclass(frozen=True)
 class Config:
     dtype: str = "float16"  # saved weights: float16 | bfloat16 | float32
-    tolerance: float = 1e-4  # max |merged - (base + adapter)| logit difference allowed, fp32
+    tolerance: float = 1e-4  # max |merged - (base + adapter)| logit difference / max |logit|, both fp32
+    max_kl: float = 1e-6  # mean KL(base + adapter || merged) allowed, nats per position
     min_change: float = 1e-3  # merged must differ from the base by more than this (max |logit diff|)
     verify_seqs: int = 4  # random token sequences checked
     verify_len: int = 48  # tokens per sequence
@@ -38,7 +43,8 @@ def run(src: artifact.Artifact, cfg: Config, out: Path) -> artifact.Artifact:
     base_dir = hf_io.resolve_model(src.manifest["inputs"]["base_model"])
 
     def payload(tmp: Path) -> dict:
-        merged, checks = merge(base_dir, src.path / ADAPTER_DIR, train_cfg, cfg)
+        merged, checks = merge(base_dir, src.path / ADAPTER_DIR, train_cfg, cfg,
+                               src.manifest["inputs"].get("base_weights_sha256"))
         merged.to(DTYPES[cfg.dtype]).save_pretrained(tmp, safe_serialization=True)
         hf_io.copy_tokenizer(src.path, tmp)
         return checks
@@ -48,70 +54,121 @@ def run(src: artifact.Artifact, cfg: Config, out: Path) -> artifact.Artifact:
 
 
 def validate(cfg: Config) -> None:
-    """Refuse an unknown saved dtype before anything runs."""
+    """Refuse an unknown saved dtype or a meaningless tolerance before anything runs."""
     if cfg.dtype not in DTYPES:
         raise UserError(f"merge.dtype: '{cfg.dtype}' is not one of {', '.join(DTYPES)}")
+    if not 0 < cfg.tolerance < 1 or cfg.max_kl <= 0:
+        raise UserError("merge.tolerance must be in (0, 1) (a share of the logit scale) and merge.max_kl > 0")
 
 
-def merge(base_dir: Path, adapter_dir: Path, train_cfg: dict, cfg: Config):
+def merge(base_dir: Path, adapter_dir: Path, train_cfg: dict, cfg: Config, base_sha256: str | None = None):
     """Return (merged fp32 model, check metrics); raises StageFailure when a check fails."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    if base_sha256 and hf_io.weights_hash(base_dir) != base_sha256:
+        raise StageFailure(f"merge: the base model at {base_dir} is not the one the adapter was trained on "
+                           "(its weights sha256 differs from the train manifest's); point base.model at the "
+                           "original weights or train again")
     qlora = train_cfg["method"] == "qlora"
     fp32 = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     ids = _verify_ids(fp32.config.vocab_size, cfg)
+    quant, n_deq = None, 0
     if qlora:
-        quant = AutoModelForCausalLM.from_pretrained(
-            base_dir, quantization_config=hf_io.bnb_config(train_cfg["quant_type"], train_cfg["double_quant"],
-                                                           torch.float32),
-            dtype=torch.float32, device_map={"": "cpu"})
-        n_deq = _load_dequantized(quant, fp32)
-        reference = PeftModel.from_pretrained(quant, adapter_dir)
-    else:
-        n_deq = 0
-        reference = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir)
+        quant = load_nf4(base_dir, train_cfg)
+        n_deq = load_dequantized(quant, fp32)  # before any forward: the fused kernel repacks weights
+    model = PeftModel.from_pretrained(fp32, adapter_dir)
+    model.eval()
     with torch.no_grad():
-        ref_logits = reference(ids).logits.float()
-        with reference.disable_adapter():
-            base_logits = reference(ids).logits.float()
-    del reference
-    merged = PeftModel.from_pretrained(fp32, adapter_dir).merge_and_unload()
+        ref_logits = model(ids).logits.float()
+        with model.disable_adapter():
+            base_logits = model(ids).logits.float()
+    kernel = _host_kernel_deviation(quant, adapter_dir, ids, ref_logits, train_cfg) if qlora else {}
+    del quant
+    merged = model.merge_and_unload()
     merged.eval()
     with torch.no_grad():
         merged_logits = merged(ids).logits.float()
         low = merged.to(DTYPES[cfg.dtype]).float()(ids).logits.float() if cfg.dtype != "float32" else merged_logits
     merged.float()
-    diff = (merged_logits - ref_logits).abs().max().item()
+    agree = compare_logits(ref_logits, merged_logits)
     change = (merged_logits - base_logits).abs().max().item()
-    checks = {"merge_max_abs_diff": diff, "merge_tolerance": cfg.tolerance, "change_vs_base": change,
+    checks = {"merge_max_abs_diff": agree["max_abs_diff"], "merge_rel_diff": agree["rel_diff"],
+              "merge_top1_agreement": agree["top1_agreement"], "merge_kl": agree["kl_mean"],
+              "merge_tolerance": cfg.tolerance, "change_vs_base": change,
               "saved_dtype_max_abs_diff": (low - ref_logits).abs().max().item(),
-              "dequantized_nf4_tensors": n_deq, "from_qlora": qlora}
-    if diff > cfg.tolerance:
-        raise StageFailure(f"merge: merged logits differ from base+adapter by {diff:.2e} > merge.tolerance "
-                           f"{cfg.tolerance:.0e}; the adapter does not match this base (check base.model)")
+              "dequantized_nf4_tensors": n_deq, "from_qlora": qlora, **kernel}
+    if agree["rel_diff"] > cfg.tolerance or agree["decisive_mismatches"] or agree["kl_mean"] > cfg.max_kl:
+        raise StageFailure(
+            f"merge: merged logits differ from base+adapter on the same fp32 weights by {agree['rel_diff']:.2e} "
+            f"of the logit scale (merge.tolerance {cfg.tolerance:.0e}), with {agree['decisive_mismatches']} "
+            f"decisive top-1 changes and KL {agree['kl_mean']:.1e} (merge.max_kl {cfg.max_kl:.0e}); the merge "
+            "is wrong for this adapter (check its adapter_config.json and the peft version)")
     if change <= cfg.min_change:
         raise StageFailure(f"merge: merged model equals the base (max logit change {change:.2e}); the adapter "
                            "learned nothing: train longer or raise train.lr")
     return merged, checks
 
 
-def _load_dequantized(quant_model, fp32_model) -> int:
+def compare_logits(ref: torch.Tensor, other: torch.Tensor) -> dict:
+    """How far `other` is from `ref` ([..., vocab]): max |diff|, the same over ref's max |logit|, top-1
+    agreement, top-1 changes the difference cannot explain (ref's margin > 2x max |diff|), mean KL."""
+    ref, other = ref.reshape(-1, ref.shape[-1]).double(), other.reshape(-1, other.shape[-1]).double()
+    diff = (ref - other).abs().max().item()
+    scale = ref.abs().max().item()
+    top_ref, top_other = ref.argmax(-1), other.argmax(-1)
+    rows = torch.arange(ref.shape[0])
+    margin = ref[rows, top_ref] - ref[rows, top_other]
+    decisive = int(((top_ref != top_other) & (margin > 2 * diff)).sum())
+    logp, logq = torch.log_softmax(ref, -1), torch.log_softmax(other, -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).mean().item()
+    return {"max_abs_diff": diff, "rel_diff": diff / scale if scale else diff,
+            "top1_agreement": (top_ref == top_other).double().mean().item(), "decisive_mismatches": decisive,
+            "kl_mean": kl}
+
+
+def load_nf4(base_dir: Path, train_cfg: dict):
+    """The base as QLoRA trained on it: bitsandbytes 4-bit, loaded as this host runs it."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES.get(train_cfg.get("compute_dtype", "float32"), torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=hf_io.bnb_config(train_cfg["quant_type"], train_cfg["double_quant"], dtype),
+        dtype=torch.float32, device_map={"": "cpu"})
+
+
+def load_dequantized(quant_model, fp32_model) -> int:
     """Copy the dequantized 4-bit weights of `quant_model` into `fp32_model`; returns how many."""
-    import bitsandbytes as bnb
+    from edgeft.stages import nf4
 
     targets = dict(fp32_model.named_modules())
+    layers = set(map(id, nf4.linear4bit_layers(quant_model)))
     n = 0
     for name, mod in quant_model.named_modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
-            w = bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float()
+        if id(mod) in layers:
             with torch.no_grad():
-                targets[name].weight.copy_(w.reshape(targets[name].weight.shape))
+                targets[name].weight.copy_(nf4.dequantized_weight(mod).reshape(targets[name].weight.shape))
             n += 1
     if n == 0:
         raise StageFailure("merge: the qlora base loaded without any 4-bit layer; bitsandbytes did not quantize")
     return n
+
+
+def _host_kernel_deviation(quant, adapter_dir: Path, ids, ref_logits, train_cfg: dict) -> dict:
+    """Base+adapter through the 4-bit inference kernel this host really runs, against the fp32 reference."""
+    from peft import PeftModel
+
+    from edgeft.stages import nf4
+
+    info = nf4.host_kernel(quant, DTYPES.get(train_cfg.get("compute_dtype", "float32"), torch.float32))
+    model = PeftModel.from_pretrained(quant, adapter_dir)
+    model.eval()
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    agree = compare_logits(ref_logits, got)
+    return {"nf4_kernel": info["kernel"], "nf4_kernel_activation_dtype": info["activation_dtype"],
+            "nf4_kernel_rel_diff": agree["rel_diff"], "nf4_kernel_max_abs_diff": agree["max_abs_diff"],
+            "nf4_kernel_top1_agreement": agree["top1_agreement"], "nf4_kernel_kl": agree["kl_mean"]}
 
 
 def _verify_ids(vocab: int, cfg: Config) -> torch.Tensor:

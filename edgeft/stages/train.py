@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from edgeft import artifact
+from edgeft import artifact, host
 from edgeft.constants import ADAPTER_DIR, EVAL_FILE, KIND_ADAPTER, KIND_DATA, KIND_HF, TRAIN_FILE
 from edgeft.data import IGNORE_INDEX, chunk_text, encode_example, read_jsonl
 from edgeft.errors import UserError
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import checkpoint, dist, hf_io, loop
+from edgeft.stages import checkpoint, dist, hf_io, loop, nf4
 
 METHODS = ("qlora", "lora", "full", "freeze")
 OPTIMS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
@@ -74,6 +74,8 @@ def run(src, cfg: Config, out: Path, *, data: artifact.Artifact, trust_remote_co
     inputs = {"base_model": str(src.path if parent else src), "data_id": data.id,
               "data_sha256": artifact.hash_files([data.path / TRAIN_FILE, data.path / EVAL_FILE]),
               "tokenizer_sha256": hf_io.tokenizer_hash(model_dir)}
+    if not parent:  # a dir or hub snapshot: merge checks the adapter goes back onto these very weights
+        inputs["base_weights_sha256"] = hf_io.weights_hash(model_dir)
     if trust_remote_code:  # recorded: the base model ran its own code
         inputs["trust_remote_code"] = True
 
@@ -87,7 +89,7 @@ def run(src, cfg: Config, out: Path, *, data: artifact.Artifact, trust_remote_co
         train = _examples(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.max_length)
         evals = _examples(fmt, read_jsonl(data.path / EVAL_FILE), cfg.max_length)[: cfg.eval_samples]
         loop.seed_everything(cfg.seed)  # adapter init and anything else drawn before the loop
-        model = _load_model(model_dir, cfg, device, trust_remote_code)
+        model, numerics = _load_model(model_dir, cfg, device, trust_remote_code)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         if ckpt_dir is not None:
@@ -96,7 +98,7 @@ def run(src, cfg: Config, out: Path, *, data: artifact.Artifact, trust_remote_co
         metrics = loop.fit(model, train, evals, cfg, device, fmt.tokenizer.token_to_id("<unk>") or 0,
                            desc=f"train[{cfg.method}]", ckpt_dir=ckpt_dir, full_state=gathered)
         metrics.update(trainable_params=trainable, total_params=total, method=cfg.method,
-                       device=str(device), train_examples=len(train))
+                       device=str(device), train_examples=len(train), host=host.describe(), numerics=numerics)
         if not dist.is_main():
             return metrics
         if cfg.method in ("qlora", "lora"):
@@ -163,6 +165,7 @@ def _examples(fmt: PromptFormatter, records: list[dict], max_length: int) -> lis
 
 
 def _load_model(model_dir: Path, cfg: Config, device: torch.device, trust_remote_code: bool = False):
+    """(model ready to train, the numerics it really computes with: kernel and activation dtype)."""
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[cfg.compute_dtype]
@@ -172,10 +175,13 @@ def _load_model(model_dir: Path, cfg: Config, device: torch.device, trust_remote
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, quantization_config=hf_io.bnb_config(cfg.quant_type, cfg.double_quant, dtype),
             dtype=dtype, device_map={"": str(device)}, trust_remote_code=trust_remote_code)
+        # eval passes too compute in compute_dtype on the weights training sees (never the fused bf16 kernel)
+        numerics = nf4.pin_dequantize(model, dtype, device)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                      trust_remote_code=trust_remote_code).to(device)
+        numerics = {"activation_dtype": "float32"}
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
@@ -188,12 +194,12 @@ def _load_model(model_dir: Path, cfg: Config, device: torch.device, trust_remote
                           lora_dropout=cfg.lora_dropout, target_modules=targets, use_dora=cfg.use_dora,
                           use_rslora=cfg.use_rslora)
         try:
-            return get_peft_model(model, lcfg)
+            return get_peft_model(model, lcfg), numerics
         except ValueError as e:
             raise UserError(f"train.target_modules: {e}") from None
     if cfg.method == "freeze":
         _freeze(model, cfg)
-    return model
+    return model, numerics
 
 
 def _freeze(model, cfg: Config) -> None:

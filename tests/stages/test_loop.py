@@ -45,7 +45,9 @@ def test_packed_row_logits_equal_each_sample_alone(model, attn):
             at = 0
             for ids, _ in members:
                 alone = model(input_ids=torch.tensor([ids])).logits[0]
-                assert torch.allclose(packed[row, at:at + len(ids)], alone, atol=1e-5, rtol=0)
+                # relative to the logit scale: the ISA's summation order moves the last bits, not more
+                diff = (packed[row, at:at + len(ids)] - alone).abs().max()
+                assert diff <= 1e-5 * max(1.0, alone.abs().max().item()), diff
                 at += len(ids)
     model.set_attn_implementation("sdpa")
 
