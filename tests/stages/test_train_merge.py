@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 
-from edgeft import artifact, data
+from edgeft import artifact, data, host
 from edgeft.errors import StageFailure, UserError
-from edgeft.stages import merge, train
+from edgeft.stages import merge, nf4, train
 
 FAST = dict(max_steps=8, batch_size=4, lr=3e-3, max_length=64, eval_samples=8, log_every=1)
 
@@ -114,3 +114,153 @@ def test_refuses_early_stopping_without_evals(tiny_llama_dir, data_art, tmp_path
     with pytest.raises(UserError, match="save_every"):
         train.run(str(tiny_llama_dir), train.Config(save_every=-1), tmp_path / "t", data=data_art)
     assert not (tmp_path / "t").exists()
+
+
+# QLoRA numerics on either CPU family: bitsandbytes' fused bf16 kernel (AVX512-BF16 hosts) and its
+# dequantize path. Where this host lacks AVX512-BF16 the fused path is simulated (bf16 activations and
+# weights, as the kernel computes), so both paths are proven on every host.
+
+@pytest.fixture(params=["dequant", "fused-bf16"])
+def kernel(request, monkeypatch):
+    """Make bitsandbytes take one 4-bit inference path for layers built from here on."""
+    import bitsandbytes.nn.modules as M
+
+    if request.param == "dequant":
+        monkeypatch.setattr(M, "has_avx512bf16", lambda: False)  # what Linear4bit.__init__ asks
+    elif not nf4.fused_kernel_available():
+        monkeypatch.setattr(M, "has_avx512bf16", lambda: True)
+        real = M.Linear4bit.forward
+
+        def fused_bf16(self, x):  # the kernel's numerics: bf16 activations times bf16 weights
+            if self.support_avx512bf16_for_cpu and not self.training and not x.requires_grad:
+                w = nf4.dequantized_weight(self).to(torch.bfloat16)
+                bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+                return torch.nn.functional.linear(x.to(torch.bfloat16), w, bias).to(x.dtype)
+            return real(self, x)
+
+        monkeypatch.setattr(M.Linear4bit, "forward", fused_bf16)
+    return request.param
+
+
+def test_merge_passes_and_names_the_kernel_on_either_path(kernel, qlora_art, tmp_path):
+    m = merge.run(qlora_art, merge.Config(dtype="float32"), tmp_path / "merged").metrics
+    assert m["merge_rel_diff"] <= 1e-4 and m["merge_top1_agreement"] == 1.0 and m["merge_kl"] <= 1e-6
+    if kernel == "fused-bf16":
+        assert m["nf4_kernel"] == nf4.KERNEL_FUSED_BF16 and m["nf4_kernel_activation_dtype"] == "bfloat16"
+        assert m["nf4_kernel_rel_diff"] > 1e-4  # bf16 activations: measurably off fp32, and said so
+    else:
+        assert m["nf4_kernel"] == nf4.KERNEL_DEQUANT and m["nf4_kernel_activation_dtype"] == "float32"
+        assert m["nf4_kernel_rel_diff"] <= 1e-4 and m["nf4_kernel_top1_agreement"] == 1.0
+
+
+def _lora_grads(model, batch) -> dict:
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_training_after_an_eval_pass_sees_the_same_weights(kernel, tiny_llama_dir):
+    """An eval pass (no grad) must not change what the next training step computes (the fused kernel
+    repacks weights in place on its first call; training pins every layer to the dequantize path)."""
+    cfg = train.Config(method="qlora", **FAST)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    grads = []
+    for eval_first in (False, True):
+        torch.manual_seed(0)
+        model, numerics = train._load_model(tiny_llama_dir, cfg, torch.device("cpu"))
+        assert numerics["compute_dtype_honoured"] and numerics["nf4_kernel"] == nf4.KERNEL_DEQUANT
+        assert numerics["fused_bf16_kernel_disabled"] == (kernel == "fused-bf16")
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        grads.append(_lora_grads(model, batch))
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif("not __import__('edgeft.stages.nf4', fromlist=['x']).fused_kernel_available()",
+                    reason="the real fused kernel only exists on AVX512-BF16 hosts")
+def test_unpinned_bitsandbytes_repacks_weights_on_eval(tiny_llama_dir):
+    """Why training pins the layers: left alone, one eval pass repacks every 4-bit weight for the
+    inference kernel, and the repacked layers keep that kernel in training mode too."""
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.stages import hf_io
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=hf_io.bnb_config(
+        "nf4", True, torch.float32), dtype=torch.float32, device_map={"": "cpu"})
+    assert nf4.host_kernel(model, torch.float32) == {
+        "kernel": nf4.KERNEL_FUSED_BF16, "activation_dtype": "bfloat16", "compute_dtype_requested": "float32",
+        "compute_dtype_honoured": False}
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 9]]))
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in nf4.linear4bit_layers(model))
+    with pytest.raises(RuntimeError, match="repacked"):
+        nf4.dequantized_weight(nf4.linear4bit_layers(model)[0])
+
+
+def test_train_manifest_records_host_and_numerics(qlora_art):
+    m = qlora_art.manifest["metrics"]
+    assert m["host"]["cpu"] == host.cpu_model() and m["host"]["isa"] == host.describe()["isa"]
+    num = m["numerics"]
+    assert num["compute_dtype_requested"] == "float32" and num["compute_dtype_honoured"]
+    assert num["nf4_kernel"] == nf4.KERNEL_DEQUANT and num["nf4_layers"] == 14
+    assert num["fused_bf16_kernel_available"] == nf4.fused_kernel_available()
+    assert len(qlora_art.manifest["inputs"]["base_weights_sha256"]) == 64
+
+
+def test_merge_refuses_another_base(tiny_llama_dir, data_art, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    art = train.run(str(base), train.Config(method="lora", **FAST), tmp_path / "t", data=data_art)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(base / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01  # someone "updated" the base
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StageFailure, match="not the one the adapter was trained on"):
+        merge.run(art, merge.Config(), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_catches_a_wrong_merge(monkeypatch, tiny_llama_dir, data_art, tmp_path):
+    """A merge that applies the adapter at the wrong scale fails the check (relative, top-1 and KL)."""
+    from peft.tuners.lora import LoraModel
+
+    art = train.run(str(tiny_llama_dir), train.Config(method="lora", **FAST), tmp_path / "t", data=data_art)
+    real = LoraModel.merge_and_unload
+
+    def twice(self, *a, **k):
+        for n, p in self.named_parameters():
+            if "lora_B" in n:
+                p.data.mul_(2.0)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", twice)
+    with pytest.raises(StageFailure, match="the merge is wrong"):
+        merge.run(art, merge.Config(), tmp_path / "m")
+
+
+def test_compare_logits_is_relative_to_scale_and_tie_aware():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(6, 50, generator=g) * 30  # a real model's logit scale (~20-100)
+    noisy = ref * (1 + 1e-6 * torch.randn(6, 50, generator=g))  # fp32 reassociation-sized noise
+    c = merge.compare_logits(ref, noisy)
+    assert c["max_abs_diff"] > 1e-5 and c["rel_diff"] < 1e-5 and c["decisive_mismatches"] == 0
+    tie = ref.clone()
+    top = tie[0].argmax()
+    second = tie[0].topk(2).indices[1]
+    tie[0, second] = tie[0, top] - 1e-7  # a near-tie the noise may flip: not decisive
+    flipped = tie.clone()
+    flipped[0, second] = tie[0, top] + 1e-7
+    assert merge.compare_logits(tie, flipped)["decisive_mismatches"] == 0
+    wrong = ref.clone()
+    wrong[1, ref[1].argmin()] = ref[1].max() + 5  # a confident different answer
+    c = merge.compare_logits(ref, wrong)
+    assert c["decisive_mismatches"] == 0 or c["rel_diff"] > 1e-2  # caught by scale either way
+    assert c["rel_diff"] > 1e-2 and c["kl_mean"] > 1e-3
