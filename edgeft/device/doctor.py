@@ -44,6 +44,9 @@ def report(bundle_path: str | Path | None = None, seconds: float = 10.0, threads
                 say(f"  {dist:<17} not installed")
     cpu = host.describe()
     say(f"cpu: {cpu['cpu']}; numerics-relevant ISA: {', '.join(cpu['isa']) or 'none reported'}")
+    if "avx512_bf16" in cpu["isa"]:
+        say("  avx512_bf16: bitsandbytes 4-bit inference on this CPU computes in bf16 whatever compute_dtype "
+            "says (edgeft trains on its dequantize path and records the difference at merge)")
     status = {"llama_cpp": _llama_cpp(say), "onnxruntime": _onnxruntime(say)}
     _gpu_system(say)
     avail = _memory(say)

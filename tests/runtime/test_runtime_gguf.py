@@ -58,18 +58,35 @@ def _torch_greedy(model, ids: list[int], n: int) -> list[int]:
     return seq[len(ids):]
 
 
+def _greedy_vs_torch(rt, model, ids: list[int]) -> tuple[int, int, float]:
+    """(tokens that were torch's top-1, tokens, max |logit diff| / max |logit|) of llama.cpp's greedy run.
+    Each token must be torch's top-1 or lie within 2x the measured logit error of it: a near-tie, where
+    the ISA's summation order (AVX2, AVX-512, ...) may pick either; anything else fails here."""
+    got = rt.generate(ids, NEW_TOKENS).tokens
+    assert len(got) == NEW_TOKENS
+    ref = _torch_logits(model, ids + got)
+    err = np.abs(rt.logits(ids + got) - ref).max()
+    agree = 0
+    for row, token in zip(ref[len(ids) - 1:-1], got):
+        agree += row.argmax() == token
+        assert row.max() - row[token] <= 2 * err  # a difference only where torch was undecided
+    return agree, len(got), float(err / np.abs(ref).max())
+
+
 def test_f32_gguf_matches_torch_fp32(files, torch_ref):
     model, tok = torch_ref
+    agree = total = 0
     with GGUFRuntime(files["f32"], n_threads=1, kv_type="f32") as exact, \
             GGUFRuntime(files["f32"], n_threads=1) as kv16:
         for prompt in PROMPTS:
             ids = tok(prompt).input_ids
+            a, n, rel = _greedy_vs_torch(exact, model, ids)
+            agree, total = agree + a, total + n
+            assert rel < 1e-4
             want = _torch_greedy(model, ids, NEW_TOKENS)
-            assert exact.generate(ids, NEW_TOKENS).tokens == want, prompt
             ref = _torch_logits(model, ids + want)
-            scale = np.abs(ref).max()
-            assert np.abs(exact.logits(ids + want) - ref).max() / scale < 1e-4
-            assert np.abs(kv16.logits(ids + want) - ref).max() / scale < 5e-3  # F16 KV cache alone
+            assert np.abs(kv16.logits(ids + want) - ref).max() / np.abs(ref).max() < 5e-3  # F16 KV cache alone
+    assert agree / total > 0.95
 
 
 def test_f16_gguf_greedy_differs_from_torch_only_at_near_ties(files, torch_ref):
@@ -77,17 +94,9 @@ def test_f16_gguf_greedy_differs_from_torch_only_at_near_ties(files, torch_ref):
     agree = total = 0
     with GGUFRuntime(files["f16"], n_threads=1) as rt:
         for prompt in PROMPTS:
-            ids = tok(prompt).input_ids
-            got = rt.generate(ids, NEW_TOKENS).tokens
-            assert len(got) == NEW_TOKENS
-            ref = _torch_logits(model, ids + got)
-            err = np.abs(rt.logits(ids + got) - ref).max()
-            assert err / np.abs(ref).max() < 1e-2
-            rows = ref[len(ids) - 1:-1]
-            for row, token in zip(rows, got):
-                total += 1
-                agree += row.argmax() == token
-                assert row.max() - row[token] <= 2 * err  # a difference only where torch was undecided
+            a, n, rel = _greedy_vs_torch(rt, model, tok(prompt).input_ids)
+            agree, total = agree + a, total + n
+            assert rel < 1e-2
     assert agree / total > 0.9
 
 
