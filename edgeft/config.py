@@ -12,15 +12,20 @@ from typing import Any
 
 import yaml
 
-from edgeft.errors import UserError
+from edgeft.errors import UserError, short
 
 
 def load_yaml(path: Path) -> dict:
     """Read a YAML mapping; a syntax error names the file and line."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -61,27 +66,27 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
     if origin is tuple:
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
-            raise UserError(f"{where}: expected a list, got {value!r}")
+            raise UserError(f"{where}: expected a list, got {short(value)}")
         return tuple(coerce(v, args[0], where) for v in items)
     if typing.get_origin(typ) is typing.Literal:
         if value not in args:
-            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+            raise UserError(f"{where}: {short(value)} is not one of {', '.join(map(str, args))}")
         return value
     if typ is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
-        raise UserError(f"{where}: expected true or false, got {value!r}")
+        raise UserError(f"{where}: expected true or false, got {short(value)}")
     if typ in (int, float):
         if isinstance(value, bool):
-            raise UserError(f"{where}: expected a number, got {value!r}")
+            raise UserError(f"{where}: expected a number, got {short(value)}")
         try:
             out = typ(value)
         except (TypeError, ValueError):
-            raise UserError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+            raise UserError(f"{where}: expected {typ.__name__}, got {short(value)}") from None
         if typ is int and isinstance(value, float) and value != out:
-            raise UserError(f"{where}: expected an integer, got {value!r}")
+            raise UserError(f"{where}: expected an integer, got {short(value)}")
         return out
     if typ is str:
         if isinstance(value, (dict, list)):

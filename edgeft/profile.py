@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeft.config import from_dict, load_yaml
-from edgeft.errors import UserError
+from edgeft.errors import UserError, short
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 FORMATS = ("gguf", "onnx")  # ladder entries are FORMAT:QUANT
@@ -82,7 +82,7 @@ def load(name_or_path: str, overrides: dict | None = None) -> Profile:
 def validate(prof: Profile, where: str = "profile") -> None:
     """Refuse values no device can have, with the key and the fix in one line."""
     def bad(key: str, why: str) -> UserError:
-        return UserError(f"{where}: {key}={getattr(prof, key)!r}: {why}")
+        return UserError(f"{where}: {key}={short(getattr(prof, key))}: {why}")
 
     for key in ("memory_gb", "memory_budget_gb", "bandwidth_gbs"):
         if not getattr(prof, key) > 0:
@@ -124,7 +124,7 @@ def validate(prof: Profile, where: str = "profile") -> None:
         malformed = [e for e in prof.ladder if e.partition(":")[0] not in FORMATS or not e.partition(":")[2]]
         if malformed:
             raise bad("ladder", f"entries are FORMAT:QUANT with FORMAT in {', '.join(FORMATS)}, "
-                                f"e.g. gguf:q4_k_m; got {malformed[0]!r}")
+                                f"e.g. gguf:q4_k_m; got {short(malformed[0])}")
         if len(set(prof.ladder)) != len(prof.ladder):
             raise bad("ladder", "lists a variant twice")
         extra, missing = sorted(set(prof.ladder) - built), sorted(built - set(prof.ladder))

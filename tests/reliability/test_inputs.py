@@ -90,6 +90,36 @@ def test_bad_recipe(cli, tmp_path, text, needles):
     assert not out.exists()
 
 
+# 9 levels of 9 aliases: a 400-byte file whose value repr()s to gigabytes
+BOMB = "[&a [x,x,x,x,x,x,x,x,x]" + "".join(
+    f", &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]" for p, c in zip("abcdefgh", "bcdefghi")) + "]"
+
+
+@pytest.mark.parametrize("kind", ["recipe", "profile"])
+def test_yaml_alias_bomb_ends_in_a_short_line(cli, tmp_path, kind):
+    text = f"train:\n  lr: {BOMB}\n" if kind == "recipe" else f"name: p\nthreads: {BOMB}\n"
+    assert len(text) < 600
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(text)
+    args = ("--recipe", path, "--profile", "tiny") if kind == "recipe" else ("--recipe", TINY_RECIPE,
+                                                                             "--profile", path)
+    res = cli("run", *args, "--out", tmp_path / "run")
+    assert_error(res, 2, "train.lr" if kind == "recipe" else "threads", "...")
+    assert len(res[2]) < 1000, len(res[2])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["recipe", "profile"])
+def test_non_utf8_file_is_bad_input_naming_the_line(cli, tmp_path, kind):
+    path = tmp_path / f"{kind}.yaml"
+    path.write_bytes(b"name: p\n# caf\xe9 latin-1\n")
+    args = ("--recipe", path, "--profile", "tiny") if kind == "recipe" else ("--recipe", TINY_RECIPE,
+                                                                             "--profile", path)
+    res = cli("run", *args, "--out", tmp_path / "run")
+    assert_error(res, 2, f"{kind}.yaml:2", "not UTF-8", "save the file as UTF-8")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("text,needles", [
     ("name: p\nthreds: 4\n", ["profile.yaml", "threds", "threads"]),
     ("name: p\nmemory_gb: lots\n", ["memory_gb"]),
