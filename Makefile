@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt edgeft/host.py
 	    --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_VERSION) -w $(LLAMA_WHEELS).part && \
 	  mv $(LLAMA_WHEELS).part $(LLAMA_WHEELS); fi
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-*.whl
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,onnx,gguf,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,onnx,gguf,device,dev]"
 	rm -f $(VENV)/.edgeft-installed*
 	touch $(STAMP)
 

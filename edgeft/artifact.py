@@ -132,6 +132,30 @@ def _stat_signature(root: Path, listed: dict) -> tuple:
     return tuple(out)
 
 
+def _check_replaceable(out: Path) -> None:
+    """Refuse an output path that holds anything but an empty dir or a finished edgeft artifact.
+
+    A directory is replaced only when its manifest.json is one edgeft wrote (manifest_version, a known
+    kind, an id, a file list); any other directory that merely holds a file of that name is left alone."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another output dir")
+    mpath = out / MANIFEST_NAME
+    if not mpath.exists():
+        if any(out.iterdir()):
+            raise UserError(f"{out}: exists and is not an edgeft artifact; choose another output dir or delete it")
+        return
+    try:
+        m = json.loads(mpath.read_bytes()[: 64 << 20]) if mpath.is_file() and not mpath.is_symlink() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        m = None
+    if not (isinstance(m, dict) and m.get("manifest_version") == MANIFEST_VERSION and m.get("kind") in KINDS
+            and isinstance(m.get("id"), str) and isinstance(m.get("files"), dict)):
+        raise UserError(f"{out}: holds a {MANIFEST_NAME} that is not an edgeft artifact's; refusing to replace "
+                        "that directory: choose another output dir or delete it yourself")
+
+
 def find_finished(out: Path, expected_id: str) -> Artifact | None:
     """The artifact at `out` if it is finished and has `expected_id`, else None."""
     mpath = out / MANIFEST_NAME
@@ -164,8 +188,7 @@ def build(out: str | Path, *, kind: str, stage: str, params: Any, parent: Artifa
         verify_files(found)  # a finished artifact edited since is an error, never silently reused
         print(f"[skip] {stage}: {out} is up to date (id {aid})", flush=True)
         return found
-    if out.exists() and not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
-        raise UserError(f"{out}: exists and is not an edgeft artifact; choose another output dir or delete it")
+    _check_replaceable(out)
     print(f"[run ] {stage} -> {out}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)

@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="run dir or tuned hf artifact dir (default: runs/demo)")
     p_exp.add_argument("--data", type=Path, help="data artifact with the eval split and manual (default: RUN/data)")
     p_exp.add_argument("--out", type=Path, help="bundle dir (default: dist/PROFILE)")
+    p_exp.add_argument("--sign", type=Path, metavar="KEY",
+                       help="sign the bundle's manifest with this Ed25519 private key (from `edgeft keygen`)")
     p_exp.add_argument("overrides", nargs="*", metavar="key=value",
                        help="profile.KEY=, export_gguf.KEY= or export_onnx.KEY= overrides")
+    p_key = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles: NAME.key and NAME.pub")
+    p_key.add_argument("name", type=Path, help="path stem of the two files, e.g. keys/field-team")
     p_ask = sub.add_parser("ask", help="answer a question with a bundle (verifies its checksums first)")
     p_ask.add_argument("bundle", type=Path, help="the dist/PROFILE dir")
     p_ask.add_argument("question", nargs="*", help="the question; none = interactive, one per line")
@@ -75,10 +79,15 @@ def main(argv: list[str] | None = None) -> int:
                             "(for models tuned with retrieved context), or off")
     p_ask.add_argument("--max-new-tokens", type=int, help="answer length cap in tokens (default: the bundle's)")
     p_ask.add_argument("--threads", type=int, help="CPU threads (default: the profile's)")
+    p_ask.add_argument("--trust", type=Path, action="append", metavar="PUBKEY",
+                       help="accept only bundles signed by this key (repeatable; default: $EDGEFT_TRUSTED_KEYS "
+                            "or ~/.config/edgeft/trusted_keys when present)")
     p_doc = sub.add_parser("doctor", help="runtimes, GPU, memory, and a smoke bench of a bundle")
     p_doc.add_argument("bundle", type=Path, nargs="?", help="a bundle dir to verify and time")
     p_doc.add_argument("--seconds", type=float, default=10.0, help="smoke bench duration (default 10)")
     p_doc.add_argument("--threads", type=int, help="CPU threads for the smoke bench (default: the profile's)")
+    p_doc.add_argument("--trust", type=Path, action="append", metavar="PUBKEY",
+                       help="accept only bundles signed by this key (as for ask)")
     args = parser.parse_args(argv)
     if not args.debug:
         _quiet()
@@ -87,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args)
         if args.cmd == "bench":
             return _cmd_bench(args)
-        if args.cmd in ("export", "ask", "doctor"):
-            return {"export": _cmd_export, "ask": _cmd_ask, "doctor": _cmd_doctor}[args.cmd](args)
+        if args.cmd in ("export", "ask", "doctor", "keygen"):
+            return {"export": _cmd_export, "ask": _cmd_ask, "doctor": _cmd_doctor, "keygen": _cmd_keygen}[args.cmd](args)
         return _cmd_show(args)
     except EdgeftError as e:
         if args.debug:
@@ -157,9 +166,19 @@ def _cmd_export(args) -> int:
     for k, v in overrides.items():
         if k.split(".", 1)[0] in stages:
             stage_params.setdefault(k.split(".", 1)[0], {})[k.split(".", 1)[1]] = v
+    key = None
+    if args.sign is not None:  # a wrong key fails before anything is built
+        from edgeft.device.signing import load_private
+
+        key = load_private(args.sign)
     out = args.out or Path("dist") / prof.name
     bundle = export(prof, args.src, out, data=args.data, stage_params=stage_params)
-    print(f"done: bundle {out} ({bundle.manifest['metrics']['variant']}); try: edgeft ask {out} \"...\"")
+    signed = ""
+    if key is not None:
+        from edgeft.device.signing import sign
+
+        signed = f", signed by key {sign(bundle.path, key)['key_id']}"
+    print(f"done: bundle {out} ({bundle.manifest['metrics']['variant']}{signed}); try: edgeft ask {out} \"...\"")
     return 0
 
 
@@ -171,8 +190,10 @@ def _cmd_ask(args) -> int:
         raise UserError("--max-new-tokens must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be >= 1")
-    asker = Asker(open_bundle(args.bundle), retrieval=args.retrieval, max_new_tokens=args.max_new_tokens,
-                  threads=args.threads)
+    from edgeft.device.signing import trusted_keys
+
+    asker = Asker(open_bundle(args.bundle, trusted=trusted_keys(args.trust)), retrieval=args.retrieval,
+                  max_new_tokens=args.max_new_tokens, threads=args.threads)
     try:
         if args.question:
             print(asker.ask(" ".join(args.question)).render())
@@ -188,7 +209,19 @@ def _cmd_doctor(args) -> int:
 
     if args.seconds <= 0 or (args.threads is not None and args.threads < 1):
         raise UserError("doctor: --seconds must be > 0 and --threads >= 1")
-    return report(args.bundle, seconds=args.seconds, threads=args.threads)
+    from edgeft.device.signing import trusted_keys
+
+    return report(args.bundle, seconds=args.seconds, threads=args.threads, trusted=trusted_keys(args.trust))
+
+
+def _cmd_keygen(args) -> int:
+    from edgeft.device.signing import keygen
+
+    priv, pub = keygen(args.name)
+    print(f"private key: {priv} (keep it on the build host: edgeft export --sign {priv})")
+    print(f"public key:  {pub} (give it to the devices: edgeft ask --trust {pub}, or append it to "
+          "~/.config/edgeft/trusted_keys)")
+    return 0
 
 
 def _cmd_bench(args) -> int:

@@ -50,3 +50,5 @@ BUNDLE_MODEL_DIR = "model"  # the chosen artifact's model file(s), config.json a
 BUNDLE_README = "README.md"
 BUNDLE_RUNNER = "run.sh"
 BUNDLE_VERSION = 1
+BUNDLE_SUMS = "SHA256SUMS"  # sha256sum -c list run.sh checks before any Python runs
+SIGNATURE_FILE = "manifest.sig"  # Ed25519 signature over manifest.json's bytes (edgeft.device.signing)

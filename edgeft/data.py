@@ -20,7 +20,7 @@ from pathlib import Path
 
 from edgeft import artifact
 from edgeft.constants import EMBEDDED, EVAL_FILE, KIND_DATA, MANUAL_FILE, MANUAL_HELDOUT_FILE, TRAIN_FILE
-from edgeft.errors import UserError
+from edgeft.errors import UserError, short
 
 FORMATS = ("auto", "alpaca", "qa", "messages", "sharegpt", "text")
 _REQUIRED = {"alpaca": ("instruction", "output"), "qa": ("question", "answer"),
@@ -168,9 +168,9 @@ def normalise(rec: dict, fmt: str, where: str) -> dict:
         rk, ck = ("role", "content") if fmt == "messages" else ("from", "value")
         if not isinstance(t, dict) or rk not in t or ck not in t:
             raise UserError(f"{where}: turn {i} needs fields '{rk}' and '{ck}'")
-        role = t[rk] if fmt == "messages" else _SHAREGPT_ROLES.get(t[rk])
-        if role not in ("system", "user", "assistant"):
-            raise UserError(f"{where}: turn {i} has role {t[rk]!r}; use system, user or assistant"
+        role = t[rk] if fmt == "messages" else _SHAREGPT_ROLES.get(t[rk]) if isinstance(t[rk], str) else None
+        if not isinstance(role, str) or role not in ("system", "user", "assistant"):
+            raise UserError(f"{where}: turn {i} has role {short(t[rk])}; use system, user or assistant"
                             + (" (sharegpt: human, gpt, system)" if fmt == "sharegpt" else ""))
         if not isinstance(t[ck], str):
             raise UserError(f"{where}: turn {i} '{ck}' must be a string")

@@ -22,7 +22,8 @@ from edgeft import artifact, pipeline, preflight
 from edgeft import profile as profiles
 from edgeft.artifact import Artifact
 from edgeft.config import from_dict
-from edgeft.constants import (BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_README, BUNDLE_RUNNER, BUNDLE_VERSION,
+from edgeft.constants import (BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_README, BUNDLE_RUNNER, BUNDLE_SUMS,
+                              BUNDLE_VERSION,
                               EVAL_FILE, KIND_BUNDLE, KIND_DATA, KIND_HF, MANIFEST_NAME, MANUAL_FILE,
                               REPORT_JSON, REPORT_MD)
 from edgeft.errors import StageFailure, UserError
@@ -131,6 +132,9 @@ def export(prof: Profile, src: Path, out: Path, *, data: Path | None = None, wor
         (staging / BUNDLE_README).write_text(readme(spec, records))
         (staging / BUNDLE_RUNNER).write_text(runner())
         os.chmod(staging / BUNDLE_RUNNER, 0o755)
+        sums = [f"{artifact.sha256_file(f)}  {f.relative_to(staging).as_posix()}" for f in sorted(staging.rglob("*"))
+                if f.is_file()]
+        (staging / BUNDLE_SUMS).write_text("\n".join(sums) + "\n")  # run.sh checks these before any Python
         return {"variant": chosen["name"], "profile": prof.name}
 
     inputs = {"bench_id": bench.id, "variant": chosen["name"], "profile": dataclasses.asdict(prof),

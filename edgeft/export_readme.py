@@ -81,16 +81,31 @@ def readme(spec: dict, records: list[dict]) -> str:
 
 
 def runner() -> str:
-    """A POSIX shell runner: ask the bundle it sits in (interactive without a question)."""
+    """A POSIX shell runner: check the bundle's files, then ask it (interactive without a question).
+
+    No code from the bundle can run: the checksums are checked with sha256sum before any Python starts,
+    Python runs isolated (-I: no PYTHONPATH, no user site, no script or current dir on sys.path) from /,
+    and `edgeft ask` then verifies the manifest (and its signature, where the device trusts keys)."""
     return """#!/bin/sh
 # Ask this bundle's model: ./run.sh "question"  (no question: interactive). Needs: pip install 'edgeft[device]'
-here="$(cd "$(dirname "$0")" && pwd)"
-if command -v edgeft >/dev/null 2>&1; then
-  exec edgeft ask "$here" "$@"
+set -u
+here="$(cd "$(dirname "$0")" && pwd -P)"
+if command -v sha256sum >/dev/null 2>&1; then
+  (cd "$here" && sha256sum --quiet --strict -c SHA256SUMS) >&2 || {
+    echo "edgeft: error: $here: files do not match SHA256SUMS (tampered or corrupted); copy the bundle again" >&2
+    exit 2
+  }
 fi
-if python3 -c "import edgeft" >/dev/null 2>&1; then
-  exec python3 -m edgeft.cli ask "$here" "$@"
+cd / || exit 2
+interp=""
+if command -v edgeft >/dev/null 2>&1; then  # the interpreter edgeft was installed into, from its shebang
+  interp="$(head -n 1 "$(command -v edgeft)" | sed -n 's/^#![[:space:]]*\([^[:space:]]*\).*/\1/p')"
 fi
+for py in $interp python3 python; do
+  if command -v "$py" >/dev/null 2>&1 && "$py" -I -c "import edgeft" >/dev/null 2>&1; then
+    exec "$py" -I -m edgeft.cli ask "$here" "$@"
+  fi
+done
 echo "edgeft is not installed: see $here/README.md (Install)" >&2
 exit 2
 """

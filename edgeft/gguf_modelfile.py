@@ -11,6 +11,7 @@ the reason is returned. The leading BOS is left out: llama.cpp adds it when toke
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from edgeft.runtime.prompt import PromptFormatter
@@ -84,7 +85,7 @@ def stop_tokens(fmt: PromptFormatter, have_template: bool) -> list[str]:
         suffix = _pieces(fmt, "assistant")[1]
         specials = {a.content for a in fmt.tokenizer.get_added_tokens_decoder().values() if a.special}
         stops += [s for s in sorted(specials) if s in suffix and s not in stops]
-    return stops
+    return [s for s in stops if s.isprintable()]  # a newline in a stop string would start a Modelfile line
 
 
 def _pieces(fmt: PromptFormatter, role: str) -> tuple[str, str] | None:
@@ -102,8 +103,9 @@ def _strip_bos(fmt: PromptFormatter, text: str) -> str:
 
 
 def _go(text: str) -> str:
-    """Literal text inside a Go template: only an opening `{{` needs escaping."""
-    return text.replace("{{", '{{ "{{" }}')
+    """Literal text inside a Go template in a Modelfile's TEMPLATE \"\"\"...\"\"\": an opening `{{` and every
+    double quote become Go string actions, so no run of quotes can close the block and add lines."""
+    return re.sub(r'\{\{|"', lambda m: '{{ "{{" }}' if m.group() == "{{" else '{{ "\\"" }}', text)
 
 
 def _quote(s: str) -> str:

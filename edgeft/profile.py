@@ -8,6 +8,7 @@ steps down when a variant does not fit, the context length to serve, and the acc
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,11 +80,17 @@ def load(name_or_path: str, overrides: dict | None = None) -> Profile:
     return prof
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
 def validate(prof: Profile, where: str = "profile") -> None:
     """Refuse values no device can have, with the key and the fix in one line."""
     def bad(key: str, why: str) -> UserError:
         return UserError(f"{where}: {key}={short(getattr(prof, key))}: {why}")
 
+    if not isinstance(prof.name, str) or not _SAFE_NAME.fullmatch(prof.name):
+        raise bad("name", "use 1-64 letters, digits, '.', '_' or '-', not starting with '.' (it names dist/NAME "
+                          "and files)")
     for key in ("memory_gb", "memory_budget_gb", "bandwidth_gbs"):
         if not getattr(prof, key) > 0:
             raise bad(key, "must be > 0")

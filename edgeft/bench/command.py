@@ -40,10 +40,14 @@ def load_profile(name: str | None, paths: list[Path], overrides: dict):
     from edgeft.config import from_dict
     from edgeft.constants import BUNDLE_FILE
 
-    bundle = next((Path(p) / BUNDLE_FILE for p in paths if (Path(p) / BUNDLE_FILE).is_file()), None)
+    bundle = next((Path(p) for p in paths if (Path(p) / BUNDLE_FILE).is_file()), None)
     if name is not None or bundle is None:
         return profile.load(name or "x86-cpu", overrides)
-    raw = {**json.loads(bundle.read_text())["profile"], **overrides}
+    from edgeft.bench.targets import verified_bundle
+
+    verified = verified_bundle(bundle)
+    bundle = bundle / BUNDLE_FILE
+    raw = {**verified.spec["profile"], **overrides}
     prof = from_dict(profile.Profile, raw, str(bundle))
     profile.validate(prof, str(bundle))
     return prof

@@ -82,9 +82,10 @@ def _one(p: Path, t: Targets) -> tuple[list[Variant], Path | None]:
         raise UserError(f"bench: {p}: not a .gguf file or a directory; pass a bundle, an artifact dir, "
                         "an ONNX model dir or a .gguf file")
     if (p / BUNDLE_FILE).is_file():
-        spec = json.loads((p / BUNDLE_FILE).read_text())["variant"]
-        if (p / REPORT_JSON).is_file():
-            t.reports.append(json.loads((p / REPORT_JSON).read_text()))
+        bundle = verified_bundle(p)  # as `ask` does: a tampered bundle is refused, never measured
+        spec = bundle.spec["variant"]
+        if REPORT_JSON in bundle.blobs:
+            t.reports.append(json.loads(bundle.blobs[REPORT_JSON]))
         return [Variant(spec["name"], spec["format"], spec["quant"], str(p / spec["path"]))], p / BUNDLE_MODEL_DIR
     kind = _kind(p)
     if kind == KIND_BENCH:
@@ -104,6 +105,16 @@ def _one(p: Path, t: Targets) -> tuple[list[Variant], Path | None]:
         raise UserError(f"bench: {p}: no bundle.json, manifest, .gguf file or */model.onnx found; pass a bundle, "
                         "an export artifact dir or a model file")
     return vs, p
+
+
+def verified_bundle(p: Path):
+    """Open and verify a bundle as `ask` does (signature against the device's trusted keys, if any)."""
+    from edgeft.device.bundle import open_bundle
+    from edgeft.device.signing import trusted_keys
+
+    bundle = open_bundle(p, trusted=trusted_keys(None))
+    bundle.close()  # the bench workers open the model themselves
+    return bundle
 
 
 def _kind(p: Path) -> str | None:

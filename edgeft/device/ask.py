@@ -12,8 +12,7 @@ import time
 from dataclasses import dataclass
 
 from edgeft.device.bundle import Bundle, open_runtime
-from edgeft.runtime.prompt import PromptFormatter
-from edgeft.runtime.retrieval import BM25, Hit
+from edgeft.runtime.retrieval import BM25, Hit, split_passages
 
 RETRIEVAL_MODES = ("prompt", "cite", "off")
 
@@ -40,9 +39,9 @@ class Asker:
         if retrieval not in RETRIEVAL_MODES:
             raise ValueError(f"retrieval {retrieval!r}; valid: {', '.join(RETRIEVAL_MODES)}")
         self.bundle = bundle
-        self.fmt = PromptFormatter(bundle.tokenizer_dir)
-        manual = bundle.manual_path
-        self.index = BM25.from_file(manual) if retrieval != "off" and manual and manual.is_file() else None
+        self.fmt = bundle.formatter()  # from the verified bytes
+        manual = bundle.manual_text()
+        self.index = BM25(split_passages(manual, bundle.spec["manual"])) if retrieval != "off" and manual else None
         self.retrieval = retrieval if self.index else "off"
         self.max_new_tokens = max_new_tokens or bundle.spec["runtime"]["max_new_tokens"]
         self.rt = open_runtime(bundle, threads=threads)
@@ -70,6 +69,7 @@ class Asker:
 
     def close(self) -> None:
         self.rt.close()
+        self.bundle.close()
 
 
 def repl(asker: Asker, stdin=None, stdout=None) -> int:

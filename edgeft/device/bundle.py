@@ -1,96 +1,218 @@
-"""Open a bundle (dist/PROFILE) on the device: verify every file's sha256, then open its runtime.
+"""Open a bundle (dist/PROFILE) on the device: verify it as a whole, then open its runtime.
 
 Torch-free: stdlib, numpy, tokenizers and the one runtime the bundle names (llama_cpp or
-onnxruntime). A GPU setting the device cannot honour (no CUDA build of llama.cpp, no CUDA execution
-provider) falls back to the CPU with a warning on stderr rather than failing to answer.
+onnxruntime). A bundle is trusted only as a whole: its manifest (and, where the device trusts keys,
+its Ed25519 signature) covers every file in it; no file outside the manifest, no symlink and no path
+outside the bundle is accepted, and every path bundle.json names must be a manifest entry. What is
+verified is what is used: small files (bundle.json, tokenizer, template, manual) are used from the
+bytes that were hashed, a GGUF is handed to llama.cpp through the file descriptor it was hashed
+through, and ONNX files (opened by onnxruntime itself) are hashed again once the session is built.
+A GPU setting the device cannot honour falls back to the CPU with a warning on stderr.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeft.artifact import sha256_file
-from edgeft.constants import BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_VERSION, KIND_BUNDLE, MANIFEST_NAME
+from edgeft.constants import (BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_VERSION, KIND_BUNDLE, MANIFEST_NAME,
+                              SIGNATURE_FILE)
 from edgeft.errors import UserError
 
+_KEEP_BYTES = 64 << 20  # files up to this size are kept as the verified bytes the device then uses
+_MANIFEST_MAX = 16 << 20
+_UNLISTED_OK = (MANIFEST_NAME, SIGNATURE_FILE)
+_RUNTIME_OPENED = (".onnx", ".data", ".onnx_data")  # onnxruntime opens these itself: hashed again after load
+_FIX = "copy the bundle again from the build host"
 
-@dataclass(frozen=True)
+
+@dataclass
 class Bundle:
-    """A verified bundle directory and its bundle.json."""
+    """A verified bundle directory, its bundle.json, and the verified bytes or open files it is used from."""
 
     path: Path
     spec: dict  # bundle.json
     manifest: dict  # manifest.json (sha256 of every file)
+    signer: str | None = None  # key id of a valid signature, None when unsigned
+    blobs: dict[str, bytes] = field(default_factory=dict, repr=False)  # rel path -> verified bytes
+    handles: dict[str, int] = field(default_factory=dict, repr=False)  # rel path -> fd it was hashed through
 
     @property
     def model_path(self) -> Path:
-        """The .gguf file or the ONNX model dir."""
-        return self.path / self.spec["variant"]["path"]
+        """The .gguf file (through its verified descriptor where /proc allows) or the ONNX model dir."""
+        rel = self.spec["variant"]["path"]
+        fd = self.handles.get(rel)
+        if fd is not None and Path(f"/proc/self/fd/{fd}").exists():
+            return Path(f"/proc/self/fd/{fd}")
+        return self.path / rel
 
     @property
     def format(self) -> str:
         return self.spec["variant"]["format"]
 
     @property
-    def manual_path(self) -> Path | None:
-        """The bundled manual text for retrieval, if any."""
-        rel = self.spec.get("manual")
-        return self.path / rel if rel else None
-
-    @property
     def tokenizer_dir(self) -> Path:
         return self.path / BUNDLE_MODEL_DIR
 
+    def formatter(self):
+        """The prompt formatter, built from the verified tokenizer and template bytes."""
+        from edgeft.runtime.prompt import PromptFormatter
 
-def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read a bundle's manifest and bundle.json; with `verify`, refuse any missing, changed or extra file."""
+        prefix = BUNDLE_MODEL_DIR + "/"
+        files = {rel[len(prefix):]: b for rel, b in self.blobs.items()
+                 if rel.startswith(prefix) and "/" not in rel[len(prefix):]}
+        return PromptFormatter(self.tokenizer_dir, files=files)
+
+    def manual_text(self) -> str | None:
+        """The bundled manual (verified bytes), or None when the bundle has none."""
+        rel = self.spec.get("manual")
+        return self.blobs[rel].decode("utf-8", errors="replace") if rel else None
+
+    def recheck(self, rels: list[str]) -> None:
+        """Hash these files again (those a runtime opened by path) against the manifest."""
+        for rel in rels:
+            _verify_file(self.path, rel, self.manifest["files"][rel], keep=None)
+
+    def close(self) -> None:
+        """Release the descriptors held open since verification."""
+        for fd in self.handles.values():
+            os.close(fd)
+        self.handles.clear()
+
+
+def open_bundle(path: str | Path, verify: bool = True, trusted: list[bytes] | None = None) -> Bundle:
+    """Read and verify a bundle; refuse any missing, changed, extra or outside file, or a bad signature."""
+    from edgeft.device import signing
+
     path = Path(path)
     mpath = path / MANIFEST_NAME
-    if not mpath.is_file():
+    if not mpath.is_file() or mpath.is_symlink():
         raise UserError(f"{path}: not a bundle (no {MANIFEST_NAME}); pass the dist/PROFILE dir that "
                         "`edgeft export` wrote")
+    raw = _read_capped(mpath, _MANIFEST_MAX)
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{mpath}: corrupt manifest; copy the bundle again from the build host") from None
-    if manifest.get("kind") != KIND_BUNDLE:
-        raise UserError(f"{path}: artifact kind is '{manifest.get('kind')}', not a bundle; pass the dist/PROFILE "
-                        "dir that `edgeft export` wrote")
-    if verify:
-        verify_bundle(path, manifest)
-    spec = json.loads((path / BUNDLE_FILE).read_text())
-    if spec.get("bundle_version") != BUNDLE_VERSION:
-        raise UserError(f"{path / BUNDLE_FILE}: bundle_version {spec.get('bundle_version')} is not "
-                        f"{BUNDLE_VERSION}; install the edgeft version that built it or re-export")
-    return Bundle(path, spec, manifest)
+        raise UserError(f"{mpath}: corrupt manifest; {_FIX}") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND_BUNDLE:
+        kind = manifest.get("kind") if isinstance(manifest, dict) else None
+        raise UserError(f"{path}: artifact kind is '{kind}', not a bundle; pass the dist/PROFILE dir that "
+                        "`edgeft export` wrote")
+    signer = signing.check(path, raw, trusted or [])
+    bundle = Bundle(path, {}, manifest, signer)
+    try:
+        if verify:
+            verify_bundle(path, manifest, bundle)
+        else:
+            bundle.blobs[BUNDLE_FILE] = (path / BUNDLE_FILE).read_bytes()
+        bundle.spec = _spec(path, bundle.blobs[BUNDLE_FILE], manifest)
+    except BaseException:
+        bundle.close()
+        raise
+    return bundle
 
 
-def verify_bundle(path: Path, manifest: dict) -> int:
-    """Check the sha256 of every listed file and that the model dir holds nothing unlisted; returns the count."""
-    files = manifest.get("files", {})
-    if BUNDLE_FILE not in files:
-        raise UserError(f"{path / MANIFEST_NAME}: lists no {BUNDLE_FILE}; copy the bundle again from the build host")
+def verify_bundle(path: Path, manifest: dict, into: Bundle | None = None) -> int:
+    """Check every listed file's sha256 and that the bundle holds nothing unlisted; returns the count.
+
+    With `into`, small files' verified bytes and model files' open descriptors are kept there."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or BUNDLE_FILE not in files:
+        raise UserError(f"{path / MANIFEST_NAME}: lists no {BUNDLE_FILE}; {_FIX}")
     root = path.resolve()
+    for rel in files:
+        if not isinstance(rel, str) or Path(rel).is_absolute() or root not in (root / rel).resolve().parents:
+            raise UserError(f"{path / MANIFEST_NAME}: entry '{str(rel)[:200]}' points outside the bundle (hostile "
+                            f"or edited manifest); refusing it; {_FIX}")
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path).as_posix()
+        if f.is_symlink():
+            raise UserError(f"{f}: a symlink inside the bundle; bundles hold plain files only; {_FIX}")
+        if f.is_file() and rel not in files and rel not in _UNLISTED_OK:
+            raise UserError(f"{f}: not part of the bundle (unlisted in {MANIFEST_NAME}); remove it or {_FIX}")
     for rel, meta in files.items():
-        f = path / rel
-        if Path(rel).is_absolute() or root not in (root / rel).resolve().parents:
-            raise UserError(f"{path / MANIFEST_NAME}: entry '{rel}' points outside the bundle (hostile or edited "
-                            "manifest); refusing it; copy the bundle again from the build host")
-        if not f.is_file():
-            raise UserError(f"{f}: missing from the bundle (listed in {MANIFEST_NAME}); copy the bundle again "
-                            "from the build host")
-        if f.stat().st_size != meta["size"] or sha256_file(f) != meta["sha256"]:
-            raise UserError(f"{f}: sha256 does not match the bundle manifest (tampered or corrupted); refusing "
-                            "to run it; copy the bundle again from the build host")
-    for f in sorted((path / BUNDLE_MODEL_DIR).rglob("*")):
-        rel = str(f.relative_to(path))
-        if f.is_file() and rel not in files:
-            raise UserError(f"{f}: not part of the bundle (unlisted in {MANIFEST_NAME}); remove it or copy the "
-                            "bundle again from the build host")
+        keep = None if into is None else "fd" if rel.endswith(".gguf") else None if rel.endswith(_RUNTIME_OPENED) \
+            else "bytes"
+        kept = _verify_file(path, rel, meta, keep)
+        if isinstance(kept, bytes):
+            into.blobs[rel] = kept
+        elif isinstance(kept, int):
+            into.handles[rel] = kept
     return len(files)
+
+
+def _verify_file(path: Path, rel: str, meta: dict, keep: str | None):
+    """Hash one file through one descriptor; returns its bytes (keep='bytes', small files), the open
+    descriptor (keep='fd'), or None."""
+    f = path / rel
+    try:
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        raise UserError(f"{f}: missing from the bundle (listed in {MANIFEST_NAME}); {_FIX}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != meta.get("size"):
+            raise UserError(f"{f}: size does not match the bundle manifest (tampered or corrupted); refusing to "
+                            f"run it; {_FIX}")
+        h, chunks = hashlib.sha256(), []
+        small = keep == "bytes" and size <= _KEEP_BYTES
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+            if small:
+                chunks.append(chunk)
+        if h.hexdigest() != meta.get("sha256"):
+            raise UserError(f"{f}: sha256 does not match the bundle manifest (tampered or corrupted); refusing "
+                            f"to run it; {_FIX}")
+    except BaseException:
+        os.close(fd)
+        raise
+    if small:
+        os.close(fd)
+        return b"".join(chunks)
+    if keep == "fd":
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+    os.close(fd)
+    return None
+
+
+def _spec(path: Path, raw: bytes, manifest: dict) -> dict:
+    """bundle.json from its verified bytes; every path it names must be a manifest entry in the bundle."""
+    where = path / BUNDLE_FILE
+    try:
+        spec = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{where}: not valid JSON; {_FIX}") from None
+    if not isinstance(spec, dict) or spec.get("bundle_version") != BUNDLE_VERSION:
+        version = spec.get("bundle_version") if isinstance(spec, dict) else None
+        raise UserError(f"{where}: bundle_version {version} is not {BUNDLE_VERSION}; install the edgeft version "
+                        "that built it or re-export")
+    files = manifest["files"]
+    variant = spec.get("variant")
+    rel = variant.get("path") if isinstance(variant, dict) else None
+    if not isinstance(rel, str) or variant.get("format") not in ("gguf", "onnx"):
+        raise UserError(f"{where}: variant.path and variant.format (gguf or onnx) are required; {_FIX}")
+    listed_dir = any(k.startswith(rel.rstrip("/") + "/") for k in files)
+    if (variant["format"] == "gguf" and rel not in files) or (variant["format"] == "onnx" and not listed_dir):
+        raise UserError(f"{where}: variant.path '{rel[:200]}' is not a file of this bundle's manifest (hostile or "
+                        f"edited bundle.json); refusing it; {_FIX}")
+    manual = spec.get("manual")
+    if manual is not None and (not isinstance(manual, str) or manual not in files):
+        raise UserError(f"{where}: manual '{str(manual)[:200]}' is not a file of this bundle's manifest (hostile or "
+                        f"edited bundle.json); refusing it; {_FIX}")
+    return spec
+
+
+def _read_capped(path: Path, cap: int) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise UserError(f"{path}: over {cap >> 20} MiB, not a bundle manifest; {_FIX}")
+    return data
 
 
 def open_runtime(bundle: Bundle, threads: int | None = None, n_ctx: int | None = None):
@@ -120,7 +242,11 @@ def open_runtime(bundle: Bundle, threads: int | None = None, n_ctx: int | None =
             _warn(f"onnxruntime here offers {', '.join(ort.get_available_providers())}, not {provider}; "
                   "running on the CPU. On a Jetson install onnxruntime-gpu from NVIDIA's Jetson wheel index")
             provider = "CPUExecutionProvider"
-        return OnnxRuntime(bundle.model_path, n_threads=threads, provider=provider)
+        runtime = OnnxRuntime(bundle.model_path, n_threads=threads, provider=provider)
+        # onnxruntime opened the graph and its external data by path: hash what it read once more
+        bundle.recheck([r for r in bundle.manifest["files"] if r.startswith(bundle.spec["variant"]["path"] + "/")
+                        and r.endswith((".onnx", ".data", ".onnx_data"))])
+        return runtime
     raise UserError(f"{bundle.path / BUNDLE_FILE}: unknown variant format {bundle.format!r} (gguf or onnx)")
 
 

@@ -27,7 +27,7 @@ SMOKE_PROMPT = "What should I check first when the unit does not start?"
 
 
 def report(bundle_path: str | Path | None = None, seconds: float = 10.0, threads: int | None = None,
-           out=None) -> int:
+           out=None, trusted: list[bytes] | None = None) -> int:
     """Print the device report; returns 0 when the bundle (if any) ran, 1 when its runtime is missing."""
     out = out or sys.stdout
 
@@ -54,7 +54,7 @@ def report(bundle_path: str | Path | None = None, seconds: float = 10.0, threads
         say("no bundle given: checked imports, versions, GPU support and memory only; no model was run "
             "(pass a bundle, e.g. `edgeft doctor dist/jetson`, for a smoke bench)")
         return 0
-    return _bundle(Path(bundle_path), seconds, threads, status, avail, say)
+    return _bundle(Path(bundle_path), seconds, threads, status, avail, say, trusted)
 
 
 def _llama_cpp(say) -> bool:
@@ -116,13 +116,14 @@ def _memory(say) -> float | None:
     return avail
 
 
-def _bundle(path: Path, seconds: float, threads: int | None, status: dict, avail: float | None, say) -> int:
+def _bundle(path: Path, seconds: float, threads: int | None, status: dict, avail: float | None, say,
+            trusted: list[bytes] | None = None) -> int:
     from edgeft.device.bundle import open_bundle, open_runtime
-    from edgeft.runtime.prompt import PromptFormatter
 
     t0 = time.perf_counter()
-    bundle = open_bundle(path)
-    say(f"bundle {path}: {len(bundle.manifest['files'])} files verified (sha256) in "
+    bundle = open_bundle(path, trusted=trusted)
+    signed = f"signed by key {bundle.signer}" if bundle.signer else "unsigned"
+    say(f"bundle {path}: {len(bundle.manifest['files'])} files verified (sha256, {signed}) in "
         f"{time.perf_counter() - t0:.2f} s; variant {bundle.spec['variant']['name']} for profile "
         f"{bundle.spec['profile']['name']}")
     need = bundle.spec["preflight"]["chosen"]["total_gb"]
@@ -133,7 +134,7 @@ def _bundle(path: Path, seconds: float, threads: int | None, status: dict, avail
     if not status[runtime]:
         say(f"smoke bench: skipped, {runtime} is missing: {bundle.spec['profile']['install']}")
         return 1
-    fmt = PromptFormatter(bundle.tokenizer_dir)
+    fmt = bundle.formatter()
     ids = fmt.prompt_ids([{"role": "user", "content": SMOKE_PROMPT}])
     t0 = time.perf_counter()
     rt = open_runtime(bundle, threads=threads)
@@ -153,6 +154,7 @@ def _bundle(path: Path, seconds: float, threads: int | None, status: dict, avail
                 break
     finally:
         rt.close()
+        bundle.close()
     sel, pre = bundle.spec["selected"], bundle.spec["preflight"]["chosen"]
     dec = f"{statistics.median(rates):.1f} tok/s decode" if rates else "decode not measured (EOS came first)"
     say(f"smoke bench: {runs} generations in {time.perf_counter() - start:.1f} s; load {load_s:.2f} s; "

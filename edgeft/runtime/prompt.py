@@ -24,20 +24,36 @@ PLAIN_TEMPLATE = (
 )
 
 
-class PromptFormatter:
-    """Chat template + tokenizer.json of one model dir; renders messages and encodes them."""
+# A chat template renders a few kB; these bound what a hostile one can make the device do
+MAX_RENDER_CHARS = 1 << 20  # output characters
+MAX_RENDER_S = 5.0  # seconds (enforced where a timer signal is available: the main thread on POSIX)
+_TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
-    def __init__(self, tokenizer_dir: str | Path):
+
+class PromptFormatter:
+    """Chat template + tokenizer.json of one model dir; renders messages and encodes them.
+
+    `files` (name -> bytes) replaces reading the dir: a bundle passes the bytes it verified, so a file
+    swapped on disk after the check is never the one used."""
+
+    def __init__(self, tokenizer_dir: str | Path, files: dict[str, bytes] | None = None):
         from tokenizers import Tokenizer
 
         self.dir = Path(tokenizer_dir)
-        tj = self.dir / "tokenizer.json"
-        if not tj.is_file():
+        if files is None:
+            files = {n: (self.dir / n).read_bytes() for n in _TOKENIZER_NAMES if (self.dir / n).is_file()}
+        self._files = files
+        if "tokenizer.json" not in files:
             raise UserError(f"{self.dir}: no tokenizer.json; save the tokenizer with a fast tokenizer "
                             "(transformers save_pretrained writes it)")
-        self.tokenizer = Tokenizer.from_file(str(tj))
-        cfg_path = self.dir / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        try:
+            self.tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+            self.config = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
+        except (ValueError, UnicodeDecodeError, Exception) as e:  # tokenizers raises its own Exception type
+            raise UserError(f"{self.dir}: cannot read the tokenizer ({str(e).splitlines()[0][:200]}); "
+                            "save it again with transformers save_pretrained") from None
+        if not isinstance(self.config, dict):
+            raise UserError(f"{self.dir / 'tokenizer_config.json'}: expected a JSON object")
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.add_bos = bool(self.config.get("add_bos_token", False)) and self.bos_token is not None
@@ -47,9 +63,8 @@ class PromptFormatter:
     @cached_property
     def template_source(self) -> str:
         """The model's chat template, or the plain one when it has none."""
-        jinja = self.dir / "chat_template.jinja"
-        if jinja.is_file():
-            return jinja.read_text()
+        if "chat_template.jinja" in self._files:
+            return self._files["chat_template.jinja"].decode("utf-8", errors="replace")
         tpl = self.config.get("chat_template")
         if isinstance(tpl, list):  # named templates: take the default
             tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
@@ -62,19 +77,42 @@ class PromptFormatter:
 
     @cached_property
     def _template(self):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        import jinja2
 
         def raise_exception(msg):
             raise UserError(f"{self.dir}: chat template refused the messages: {msg}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.template_source)
+        try:
+            return env.from_string(self.template_source)
+        except jinja2.TemplateError as e:
+            raise UserError(f"{self.dir}: the chat template does not parse ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); fix or remove it") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """Messages to text with the chat template."""
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        """Messages to text with the chat template, bounded in output size and time."""
+        import jinja2
+
+        out, size = [], 0
+        try:
+            with _deadline(MAX_RENDER_S):
+                for chunk in self._template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                     bos_token=self.bos_token or "", eos_token=self.eos_token or ""):
+                    size += len(chunk)
+                    if size > MAX_RENDER_CHARS:
+                        raise _TooBig
+                    out.append(chunk)
+        except _TooBig:
+            raise UserError(f"{self.dir}: the chat template produced over {MAX_RENDER_CHARS} characters; "
+                            "refusing it (hostile or broken template)") from None
+        except TimeoutError:
+            raise UserError(f"{self.dir}: the chat template ran over {MAX_RENDER_S:g} s; refusing it "
+                            "(hostile or broken template)") from None
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
+            raise UserError(f"{self.dir}: the chat template failed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); fix or remove it") from None
+        return "".join(out)
 
     def encode(self, text: str) -> list[int]:
         """Text to ids, BOS prepended when the tokenizer adds one and the text does not start with it."""
@@ -90,6 +128,72 @@ class PromptFormatter:
     def decode(self, ids: list[int]) -> str:
         """Ids to text, special tokens dropped."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _bounded_sandbox():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        """The sandbox, plus: no string or list made by `*` or `+` may exceed the output bound."""
+
+        intercepted_binops = frozenset(["*", "+", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**":
+                raise jinja2_security("power operator")
+            if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int):
+                if len(left) * right > MAX_RENDER_CHARS:
+                    raise _TooBig
+            if operator == "*" and isinstance(right, (str, list, tuple)) and isinstance(left, int):
+                if len(right) * left > MAX_RENDER_CHARS:
+                    raise _TooBig
+            out = super().call_binop(context, operator, left, right)
+            if isinstance(out, (str, list, tuple)) and len(out) > MAX_RENDER_CHARS:
+                raise _TooBig
+            return out
+
+    return Bounded
+
+
+def jinja2_security(what: str):
+    from jinja2.exceptions import SecurityError
+
+    return SecurityError(f"{what} is not allowed in a chat template")
+
+
+def _BoundedSandbox(**kw):  # noqa: N802 - a class factory: jinja2 is imported only when a template renders
+    return _bounded_sandbox()(**kw)
+
+
+class _deadline:  # noqa: N801 - a context manager used like a function
+    """Raise TimeoutError in the block after `seconds` (SIGALRM timer; a no-op off the main thread or on Windows)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.armed = seconds, False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+            def fire(signum, frame):
+                raise TimeoutError
+            self.old = signal.signal(signal.SIGALRM, fire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+            self.armed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.armed:
+            import signal
+
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+        return False
 
 
 def _token_text(tok) -> str | None:
