@@ -22,7 +22,12 @@ from edgeft.errors import UserError
 PRE_TOKENIZER_REGEX = {
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
              r"\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+",
 }
+# Byte-level pre-tokenizers without a Split step: ByteLevel's own (GPT-2) regex, optionally after a
+# split into single digits (SmolLM); llama.cpp names them "gpt-2" and "smollm"
+BYTELEVEL_PRE = {(): "gpt-2", ("digits",): "smollm"}
 _SPECIALS = ("bos", "eos", "unk", "pad")
 _SP_BPE = 2  # sentencepiece TrainerSpec.ModelType.BPE
 
@@ -45,10 +50,33 @@ class Vocab:
     chat_template: str | list | None = None
 
 
+def family_of(hf_dir: Path, default: str) -> str:
+    """'gpt2' when tokenizer.json is a byte-level BPE (SmolLM2, Llama 3, Qwen), 'spm' when the dir holds a
+    SentencePiece model, else the architecture's `default`."""
+    tok_json = _json(hf_dir / "tokenizer.json")
+    model = tok_json.get("model") or {}
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if model.get("type") == "BPE" and any(s.get("type") == "ByteLevel" for s in steps):
+        return "gpt2"
+    if _is_sentencepiece(hf_dir / "tokenizer.model"):
+        return "spm"
+    return default
+
+
+def _is_sentencepiece(path: Path) -> bool:
+    """A SentencePiece model proto, not the copy of a whole GGUF that transformers 4.57 saves under that name."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) != b"GGUF"
+
+
 def load(hf_dir: Path, family: str, n_rows: int, config: dict) -> Vocab:
     """Read the tokenizer of `hf_dir` for an embedding of `n_rows` rows."""
     tok_cfg = _json(hf_dir / "tokenizer_config.json")
     tok_json = _json(hf_dir / "tokenizer.json")
+    family = family_of(hf_dir, family)
     if family == "spm":
         vocab = _load_spm(hf_dir, tok_cfg, tok_json)
     elif family == "gpt2":
@@ -103,7 +131,7 @@ def write(w: gguf.GGUFWriter, v: Vocab) -> None:
 
 def _load_spm(hf_dir: Path, tok_cfg: dict, tok_json: dict) -> Vocab:
     sp_file = hf_dir / "tokenizer.model"
-    if not sp_file.is_file():
+    if not _is_sentencepiece(sp_file):
         raise UserError(f"{hf_dir}: no tokenizer.model; the llama GGUF export needs the SentencePiece model "
                         "(save the tokenizer with a slow/SentencePiece-backed class so it is written)")
     from sentencepiece import sentencepiece_model_pb2
@@ -184,17 +212,24 @@ def _load_gpt2(hf_dir: Path, tok_cfg: dict, tok_json: dict) -> Vocab:
 
 
 def _gpt2_pre_name(pre: dict, where: Path) -> str:
-    """The llama.cpp pre-tokenizer name whose regex equals tokenizer.json's split, plus byte-level."""
+    """The llama.cpp pre-tokenizer name whose splitting equals tokenizer.json's, byte-level included."""
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
     regexes = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
-    if not any(s.get("type") == "ByteLevel" for s in steps) or len(regexes) != 1:
-        raise UserError(f"{where}: pre-tokenizer is not one regex split + byte-level; GGUF export cannot "
-                        "map it")
+    others = tuple("digits" if s.get("type") == "Digits" and s.get("individual_digits") else s.get("type")
+                   for s in steps if s.get("type") not in ("ByteLevel", "Split"))
+    if len(byte_level) != 1:
+        raise UserError(f"{where}: pre-tokenizer has no byte-level step; GGUF export cannot map it")
+    if not regexes and byte_level[0].get("use_regex", True) and others in BYTELEVEL_PRE:
+        return BYTELEVEL_PRE[others]
+    if len(regexes) != 1 or others:
+        raise UserError(f"{where}: pre-tokenizer is not one regex split + byte-level, nor a known byte-level "
+                        f"sequence; GGUF export cannot map it")
     for name, regex in PRE_TOKENIZER_REGEX.items():
         if regexes[0] == regex:
             return name
     raise UserError(f"{where}: pre-tokenizer regex is not one llama.cpp knows "
-                    f"(known: {', '.join(PRE_TOKENIZER_REGEX)})")
+                    f"(known: {', '.join([*PRE_TOKENIZER_REGEX, *BYTELEVEL_PRE.values()])})")
 
 
 def _special_id(name: str, config: dict, tok_cfg: dict, index: dict[str, int], hf_dir: Path) -> int | None:

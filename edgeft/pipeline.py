@@ -22,6 +22,7 @@ from edgeft.stages import dist  # torch-free until a stage joins a process group
 # The stage registry: literal and ordered, modules imported only when a stage runs.
 STAGES = {
     "data": "edgeft.data",
+    "base_import": "edgeft.stages.base_import",  # base.model = a .gguf file: imported once, cached by sha256
     "train": "edgeft.stages.train",
     "merge": "edgeft.stages.merge",
     "prune": "edgeft.stages.prune",
@@ -39,7 +40,7 @@ PROFILE_EXPORT_KEYS = {"export_gguf": {"types": "gguf", "threads": "threads"},
 
 @dataclass(frozen=True)
 class Base:
-    model: str = EMBEDDED  # hub id (org/name), local model dir, or 'embedded' (the built-in demo base)
+    model: str = EMBEDDED  # hub id (org/name), local model dir, a .gguf file, or 'embedded' (the built-in demo base)
     trust_remote_code: bool = False  # run model code shipped with a hub model; recorded when on
     pretrain_steps: int = 450  # embedded base only: pretraining steps on the manual (~3 min on 2 cores)
 
@@ -102,10 +103,8 @@ def run(recipe: dict, profile: Profile, out: Path) -> dict[str, artifact.Artifac
         hf_io.resolve_model(dcfg.student)  # a missing student fails before anything is written
     base_cfg: Base = recipe["base"]
     embedded = base_cfg.model == EMBEDDED
-    base_src = None if embedded else hf_io.resolve_model(base_cfg.model, base_cfg.trust_remote_code)  # fail early
-    if recipe["data"].train == EMBEDDED and not embedded:
-        raise UserError("data.train: the embedded data is made for the embedded base; pass data.train=PATH "
-                        "with base.model")
+    gguf_base = None if embedded else stage("base_import").source_file(base_cfg.model)
+    base_src = None if embedded or gguf_base else hf_io.resolve_model(base_cfg.model, base_cfg.trust_remote_code)
     created = not out.exists()
     try:
         arts = _run(recipe, profile, out, base_src)
@@ -121,7 +120,11 @@ def _run(recipe: dict, profile: Profile, out: Path, base_src) -> dict[str, artif
     rank 0 first (the other ranks then find them finished) and the rest, exports and bench, on rank 0 alone."""
     with dist.main_first():
         arts = {"data": stage("data").run(None, recipe["data"], out / "data")}
-        if base_src is None:
+        if base_src is None and recipe["base"].model != EMBEDDED:
+            from edgeft.demo.base import cache_dir
+
+            base_src = arts["base_import"] = stage("base_import").ensure(recipe["base"].model, cache_dir())
+        elif base_src is None:
             from edgeft.demo import base as embedded_base
 
             base_src = embedded_base.ensure(arts["data"], embedded_base.Config(steps=recipe["base"].pretrain_steps))

@@ -90,6 +90,33 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return _build_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("llama"))
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama with a SmolLM2-style tokenizer: byte-level BPE after a single-digit split, ChatML
+    specials, no BOS added (what Llama 3 / SmolLM2 / Qwen-style vocabularies look like)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(tiny_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    fast.chat_template = CHATML
+    src = tmp_path_factory.mktemp("bpetok")
+    fast.save_pretrained(src)
+    return _build_llama(src, tmp_path_factory.mktemp("bpellama"), tie_word_embeddings=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_qa_jsonl(tmp_path_factory) -> Path:
     """48 question/answer lines in JSONL."""
