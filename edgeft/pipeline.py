@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgeft import artifact
 from edgeft.config import apply_overrides, from_dict, load_yaml
-from edgeft.constants import EMBEDDED, KIND_ADAPTER
+from edgeft.constants import EMBEDDED, KIND_ADAPTER, SMOLLM2
 from edgeft.errors import UserError
 from edgeft.profile import Profile
 from edgeft.stages import dist  # torch-free until a stage joins a process group
@@ -40,7 +40,8 @@ PROFILE_EXPORT_KEYS = {"export_gguf": {"types": "gguf", "threads": "threads"},
 
 @dataclass(frozen=True)
 class Base:
-    model: str = EMBEDDED  # hub id (org/name), local model dir, a .gguf file, or 'embedded' (the built-in demo base)
+    model: str = EMBEDDED  # hub id, local model dir, a .gguf file, 'smollm2' (SmolLM2-135M-Instruct from the
+    # package registry) or 'embedded' (the built-in demo base)
     trust_remote_code: bool = False  # run model code shipped with a hub model; recorded when on
     pretrain_steps: int = 450  # embedded base only: pretraining steps on the manual (~3 min on 2 cores)
 
@@ -103,6 +104,10 @@ def run(recipe: dict, profile: Profile, out: Path) -> dict[str, artifact.Artifac
         hf_io.resolve_model(dcfg.student)  # a missing student fails before anything is written
     base_cfg: Base = recipe["base"]
     embedded = base_cfg.model == EMBEDDED
+    if base_cfg.model == SMOLLM2:  # the real instruct model the registry ships: fetched once, sha256-checked
+        from edgeft.demo import smollm2
+
+        base_cfg = recipe["base"] = dataclasses.replace(base_cfg, model=str(smollm2.fetch_gguf()))
     gguf_base = None if embedded else stage("base_import").source_file(base_cfg.model)
     base_src = None if embedded or gguf_base else hf_io.resolve_model(base_cfg.model, base_cfg.trust_remote_code)
     created = not out.exists()

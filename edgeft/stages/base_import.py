@@ -14,6 +14,8 @@ its parent: `edgeft show` walks from any later artifact back to the GGUF file.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import tempfile
@@ -126,8 +128,9 @@ def _import(path: Path, meta: dict, out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="edgeft-import-") as tmp:
         link = Path(tmp) / path.name  # transformers wants (dir, file name); a link keeps the source untouched
         link.symlink_to(path.resolve())
-        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=path.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=path.name)
+        with contextlib.redirect_stderr(io.StringIO()):  # the loader's progress bar and tokenizer notices
+            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=path.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(tmp, gguf_file=path.name)
     ids = {k: tok.convert_tokens_to_ids(meta[k]) for k in ("bos", "eos", "pad") if meta[k] is not None}
     model.config.bos_token_id = ids.get("bos")
     model.config.eos_token_id = ids.get("eos")

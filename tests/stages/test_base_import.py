@@ -116,3 +116,19 @@ def test_run_from_a_gguf_base_keeps_the_lineage(cli, gguf_file, tiny_qa_jsonl, t
     assert chain == ["export_gguf", "merge", "train", "base_import"], chain
     parity = json.loads((out / "gguf" / "manifest.json").read_text())["metrics"]["parity"]
     assert parity["tokenization_match"] and not parity["files"]["f16"]["decisive_mismatches"]
+
+
+def test_a_gguf_whose_template_does_not_parse_ends_in_one_line(cli, tiny_bpe_llama_dir, tiny_qa_jsonl, tmp_path):
+    import shutil
+
+    from tests.reliability._common import TINY_RECIPE, assert_error
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_bpe_llama_dir, src)
+    (src / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }")  # unclosed
+    gguf_writer.convert(src, tmp_path / "broken.gguf", "f32")
+    res = cli("run", "--recipe", TINY_RECIPE, "--profile", "tiny", "--out", tmp_path / "run",
+              f"base.model={tmp_path / 'broken.gguf'}", f"data.train={tiny_qa_jsonl}", "data.eval=",
+              "train.method=lora", "train.max_steps=2", "profile.gguf=f16", "profile.onnx=")
+    assert_error(res, 2, "chat template does not parse")
+    assert not (tmp_path / "run" / "train").exists()
