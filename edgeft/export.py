@@ -50,6 +50,11 @@ def export(prof: Profile, src: Path, out: Path, *, data: Path | None = None, wor
                                 onnx=tuple(t for t in prof.onnx if f"onnx:{t}" in fit), ladder=tuple(fit))
     configs = pipeline.export_configs(built)
     for name, params in (stage_params or {}).items():
+        for key in params:  # what to build is the profile's (and pre-flight's) call, as in a recipe
+            prof_key = pipeline.PROFILE_EXPORT_KEYS.get(name, {}).get(key)
+            if prof_key:
+                raise UserError(f"export: {name}.{key} is set by the device profile ({prof_key}), which pre-flight "
+                                f"checks; override profile.{prof_key}=... instead")
         if name not in configs:
             raise UserError(f"export: '{name}.*' given but profile {prof.name} builds no "
                             f"{name.removeprefix('export_')} variant that fits; drop the override")
@@ -89,14 +94,18 @@ def export(prof: Profile, src: Path, out: Path, *, data: Path | None = None, wor
 
     chosen = select(records, prof)
     variant = f"{chosen['format']}:{chosen['quant']}"
-    src_art, model_src = _locate(exports, bench_mod, chosen["name"])
+    src_art, chosen_v = _locate(exports, bench_mod, chosen["name"])
+    model_src = Path(chosen_v.path)
+    lora_src = Path(chosen_v.lora) if chosen_v.lora else None
     print(f"[select] {chosen['name']} for {prof.name}: {chosen.get('rouge_l')} rouge_l "
           f"({chosen.get('accuracy_kept')} of tuned), {chosen['size_bytes']} bytes", flush=True)
     spec = {
         "bundle_version": BUNDLE_VERSION,
         "profile": dataclasses.asdict(prof),
         "variant": {"name": chosen["name"], "format": chosen["format"], "quant": chosen["quant"],
-                    "path": f"{BUNDLE_MODEL_DIR}/{model_src.name}" if model_src.is_file() else BUNDLE_MODEL_DIR},
+                    "path": f"{BUNDLE_MODEL_DIR}/{model_src.name}" if model_src.is_file() else BUNDLE_MODEL_DIR,
+                    # export_gguf.adapter=true: the base GGUF plus the LoRA llama.cpp applies at run time
+                    **({"lora": f"{BUNDLE_MODEL_DIR}/{lora_src.name}"} if lora_src else {})},
         "runtime": {"threads": prof.threads, "n_ctx": ctx, "n_gpu_layers": prof.n_gpu_layers,
                     "onnx_provider": prof.onnx_provider, "kv_cache_type": prof.kv_cache_type,
                     "max_new_tokens": MAX_NEW_TOKENS},
@@ -117,6 +126,8 @@ def export(prof: Profile, src: Path, out: Path, *, data: Path | None = None, wor
         model_dir.mkdir()
         if model_src.is_file():  # gguf: the one file, plus the tokenizer files beside it in the artifact
             shutil.copy2(model_src, model_dir / model_src.name)
+            if lora_src is not None:
+                shutil.copy2(lora_src, model_dir / lora_src.name)
             for f in src_art.path.iterdir():
                 if f.is_file() and f.suffix != ".gguf" and f.name != MANIFEST_NAME:
                     shutil.copy2(f, model_dir / f.name)
@@ -194,11 +205,11 @@ def _example_question(data_art: Artifact) -> str:
     return "your question"
 
 
-def _locate(exports: list[Artifact], bench_mod, name: str) -> tuple[Artifact, Path]:
-    """The export artifact and model path (a .gguf file or an onnx type dir) of a bench variant name."""
+def _locate(exports: list[Artifact], bench_mod, name: str):
+    """The export artifact and the bench Variant (model path, LoRA) of a bench variant name."""
     for art in exports:
         for v in bench_mod.export_variants(art):
             if v.name == name:
-                return art, Path(v.path)
+                return art, v
     raise UserError(f"select chose {name!r}, which is not one of the built variants; "
                     "check edgeft.bench.select's formats")

@@ -150,6 +150,9 @@ def test_export_cli_errors(tiny_run, tmp_path):
         (["--profile", "tiny", "--from", tiny_run, "profile.accuracy_budget=2"], "accuracy_budget"),
         (["--profile", "tiny", "--from", tiny_run, "train.lr=1"], "neither profile.KEY"),
         (["--profile", "tiny", "--from", tmp_path], "no finished tuned model"),
+        # what to build goes through the profile and its pre-flight, never around it (was a KeyError)
+        (["--profile", "tiny", "--from", tiny_run, "export_gguf.types=q4_0"], "override profile.gguf="),
+        (["--profile", "tiny", "--from", tiny_run, "export_onnx.route=genai"], "override profile.onnx_route="),
     ):
         proc = run(*args)
         assert proc.returncode == 2, proc.stderr

@@ -47,6 +47,7 @@ class Variant:
     format: str  # torch | gguf | onnx
     quant: str  # fp32, f16, q8_0, q4_k_m, int8, ...
     path: str
+    lora: str = ""  # gguf: a LoRA GGUF llama.cpp applies over `path` at run time (export_gguf.adapter=true)
 
 
 def run_bench(variants: list[Variant], eval_records: list[dict], tokenizer_dir: Path, cfg: Config,

@@ -17,6 +17,9 @@ from edgeft.constants import (BUNDLE_FILE, BUNDLE_MODEL_DIR, EVAL_FILE, KIND_BEN
 from edgeft.errors import UserError
 
 
+_NOT_MODELS = ("imatrix", "adapter")  # GGUF files an export writes beside its models
+
+
 @dataclass
 class Targets:
     """Variants to measure, the tokenizer to feed them, and reports already written (bench dirs, bundles)."""
@@ -27,12 +30,29 @@ class Targets:
 
 
 def export_variants(kind: str, path: Path) -> list[Variant]:
-    """One variant per .gguf file or onnx model dir in an export artifact dir."""
+    """The variants an export artifact built, from its manifest (never every .gguf lying there: the imatrix
+    and a LoRA adapter are GGUF files too); a directory without a manifest is globbed for model files."""
+    metrics = _manifest(path).get("metrics") or {}
+    if kind == KIND_GGUF and isinstance(metrics.get("files"), dict):
+        lora = (metrics.get("adapter") or {}).get("file")
+        return [Variant(f"gguf-{t}", "gguf", t, str(path / meta["file"]), str(path / lora) if lora else "")
+                for t, meta in sorted(metrics["files"].items())]
+    if kind == KIND_ONNX and isinstance(metrics.get("types"), dict):
+        return [Variant(f"onnx-{t}", "onnx", t, str(path / t)) for t in sorted(metrics["types"])
+                if (path / t / "model.onnx").is_file()]
     if kind == KIND_GGUF:
         return [Variant(f"gguf-{p.stem.split('-', 1)[-1]}", "gguf", p.stem.split("-", 1)[-1], str(p))
-                for p in sorted(path.glob("*.gguf"))]
+                for p in sorted(path.glob("*.gguf")) if not p.name.startswith(_NOT_MODELS)]
     return [Variant(f"onnx-{p.parent.name}", "onnx", p.parent.name, str(p.parent))
             for p in sorted(path.glob("*/model.onnx"))]
+
+
+def _manifest(path: Path) -> dict:
+    m = path / MANIFEST_NAME
+    try:
+        return json.loads(m.read_text()) if m.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{m}: corrupt manifest; rebuild the artifact") from None
 
 
 def discover(paths: list[Path]) -> Targets:
@@ -86,7 +106,9 @@ def _one(p: Path, t: Targets) -> tuple[list[Variant], Path | None]:
         spec = bundle.spec["variant"]
         if REPORT_JSON in bundle.blobs:
             t.reports.append(json.loads(bundle.blobs[REPORT_JSON]))
-        return [Variant(spec["name"], spec["format"], spec["quant"], str(p / spec["path"]))], p / BUNDLE_MODEL_DIR
+        lora = str(p / spec["lora"]) if spec.get("lora") else ""
+        return [Variant(spec["name"], spec["format"], spec["quant"], str(p / spec["path"]), lora)], \
+            p / BUNDLE_MODEL_DIR
     kind = _kind(p)
     if kind == KIND_BENCH:
         t.reports.append(json.loads((p / REPORT_JSON).read_text()))

@@ -39,7 +39,7 @@ def open_runtime(variant: dict, cfg: dict):
     if fmt == "gguf":
         from edgeft.runtime.gguf import GGUFRuntime
         return GGUFRuntime(path, n_threads=threads, n_ctx=cfg["n_ctx"], n_gpu_layers=cfg.get("n_gpu_layers", 0),
-                           kv_type=cfg.get("kv_cache_type", "f16"))
+                           kv_type=cfg.get("kv_cache_type", "f16"), lora_path=variant.get("lora") or None)
     if fmt == "onnx":
         from edgeft.runtime.onnx import OnnxRuntime
         return OnnxRuntime(path, n_threads=threads, provider=cfg.get("onnx_provider", "CPUExecutionProvider"))

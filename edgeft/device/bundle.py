@@ -51,6 +51,16 @@ class Bundle:
         return self.path / rel
 
     @property
+    def lora_path(self) -> Path | None:
+        """The LoRA GGUF applied over the model at run time (adapter exports), through its verified descriptor."""
+        rel = self.spec["variant"].get("lora")
+        if not rel:
+            return None
+        fd = self.handles.get(rel)
+        return Path(f"/proc/self/fd/{fd}") if fd is not None and Path(f"/proc/self/fd/{fd}").exists() \
+            else self.path / rel
+
+    @property
     def format(self) -> str:
         return self.spec["variant"]["format"]
 
@@ -200,6 +210,10 @@ def _spec(path: Path, raw: bytes, manifest: dict) -> dict:
     if (variant["format"] == "gguf" and rel not in files) or (variant["format"] == "onnx" and not listed_dir):
         raise UserError(f"{where}: variant.path '{rel[:200]}' is not a file of this bundle's manifest (hostile or "
                         f"edited bundle.json); refusing it; {_FIX}")
+    lora = variant.get("lora")
+    if lora is not None and (not isinstance(lora, str) or lora not in files or variant["format"] != "gguf"):
+        raise UserError(f"{where}: variant.lora '{str(lora)[:200]}' is not a GGUF file of this bundle's manifest "
+                        f"(hostile or edited bundle.json); refusing it; {_FIX}")
     manual = spec.get("manual")
     if manual is not None and (not isinstance(manual, str) or manual not in files):
         raise UserError(f"{where}: manual '{str(manual)[:200]}' is not a file of this bundle's manifest (hostile or "
@@ -231,7 +245,7 @@ def open_runtime(bundle: Bundle, threads: int | None = None, n_ctx: int | None =
                   "reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\"")
             layers = 0
         return GGUFRuntime(bundle.model_path, n_threads=threads, n_ctx=n_ctx, n_gpu_layers=layers,
-                           kv_type=rt.get("kv_cache_type", "f16"))
+                           kv_type=rt.get("kv_cache_type", "f16"), lora_path=bundle.lora_path)
     if bundle.format == "onnx":
         import onnxruntime as ort
 

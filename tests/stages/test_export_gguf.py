@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeft import artifact, gguf_parity, gguf_writer
@@ -145,6 +146,20 @@ def test_adapter_export_ships_base_plus_lora_and_gates_it_against_the_merge(tiny
     assert f32["rel_logit_diff"] < 0.01 and not f32["decisive_mismatches"]
     with pytest.raises(UserError, match="needs hf"):
         export_gguf.run(adapter, export_gguf.Config(types=("f16",)), tmp_path / "merged-only")
+    # the bench measures base + adapter, not the untuned base: every variant carries the LoRA
+    from edgeft.stages import bench
+
+    variants = bench.export_variants(art)
+    assert {v.name for v in variants} == {"gguf-f32", "gguf-q8_0"}
+    assert all(v.lora == str(art.path / export_gguf.ADAPTER_FILE) for v in variants)
+    from edgeft.runtime.gguf import GGUFRuntime
+    from edgeft.runtime.prompt import PromptFormatter
+
+    ids = PromptFormatter(tiny_llama_dir).encode("Check the belt tension first.")
+    f32 = next(v for v in variants if v.quant == "f32")
+    with GGUFRuntime(f32.path, n_threads=1, n_ctx=64, kv_type="f32") as plain, \
+            GGUFRuntime(f32.path, n_threads=1, n_ctx=64, kv_type="f32", lora_path=f32.lora) as tuned:
+        assert np.abs(plain.logits(ids) - tuned.logits(ids)).max() > 1e-3  # the adapter changes the answer
 
 
 def test_adapter_export_refuses_a_model_without_an_adapter(hf_art, tmp_path):
@@ -182,6 +197,9 @@ def test_imatrix_and_eval_conversations_reach_the_files_and_the_gate(hf_art, dat
     im = art.metrics["imatrix"]
     assert im["sequences"] == 20 and im["tensors"] == 14 and im["data_id"] == data_art.id
     assert art.manifest["inputs"]["data_id"] == data_art.id  # the data is part of the artifact id
+    from edgeft.stages import bench  # the imatrix is a GGUF file too, but not a variant
+
+    assert [v.name for v in bench.export_variants(art)] == ["gguf-f16", "gguf-q4_k_m"]
     parity = art.metrics["parity"]
     assert parity["eval_prompts"] == 10 and parity["tokenization_match"]
     for t in ("f16", "q4_k_m"):
