@@ -154,3 +154,28 @@ def make_tiny_run(run: Path, model_dir: Path) -> Path:
 
     artifact.build(run / "merge", kind="hf", stage="merge", params={"model": "tiny"}, parent=None, payload=payload)
     return run
+
+
+FORWARD_S = 0.1  # each forward slowed to at least this: it dwarfs a tiny model's own compute
+
+
+def slowed(fn):
+    """`fn` taking at least FORWARD_S longer: a forward whose cost the timers must attribute correctly."""
+    import functools
+    import time
+
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        time.sleep(FORWARD_S)
+        return fn(*a, **k)
+    return wrapper
+
+
+def assert_forward_accounting(result, n_new: int) -> None:
+    """The latency contract of every runtime, with forwards slowed by `slowed`: TTFT holds exactly one
+    forward (the prompt's), decode exactly n_new - 1 (the forwards after the first token), so
+    decode_tok_s = (n_new - 1) / decode_s counts what it times."""
+    assert len(result.tokens) == n_new
+    assert FORWARD_S <= result.ttft_s < 2 * FORWARD_S, f"TTFT {result.ttft_s:.3f} s is not one forward"
+    assert (n_new - 1) * FORWARD_S <= result.decode_s < n_new * FORWARD_S, \
+        f"decode {result.decode_s:.3f} s is not {n_new - 1} forwards"

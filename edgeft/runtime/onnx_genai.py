@@ -91,11 +91,11 @@ class GenaiRuntime:
         while len(tokens) < max_new_tokens and len(ids) + len(tokens) < limit:
             # the choice is made here (same rule as OnnxRuntime), not by genai's search: EOS stays ours
             nxt = choose_next(_last_row(gen), temperature, top_k, top_p, rng)
+            if not tokens:  # the first token is chosen: TTFT holds the prompt's forward alone
+                t_first = time.perf_counter()
             if ((nxt not in self.eos_ids or ignore_eos) and len(tokens) + 1 < max_new_tokens
                     and len(ids) + len(tokens) + 1 < limit):
                 gen.append_tokens(np.asarray([[nxt]], dtype=np.int32))  # runs its forward now
-            if not tokens:
-                t_first = time.perf_counter()
             if nxt in self.eos_ids and not ignore_eos:
                 stopped = True
                 break

@@ -126,3 +126,12 @@ def test_runtime_module_imports_no_torch():
             "bad = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_latency_contract_counts_forwards(onnx_dirs, monkeypatch):
+    from conftest import assert_forward_accounting, slowed
+
+    r = OnnxRuntime(onnx_dirs["fp32"], n_threads=1)
+    monkeypatch.setattr(r, "_forward", slowed(r._forward))
+    assert_forward_accounting(r.generate([1, 20, 30, 40], 4, ignore_eos=True), 4)
+    r.close()

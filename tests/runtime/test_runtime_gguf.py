@@ -170,3 +170,23 @@ def test_runtime_imports_neither_torch_nor_transformers():
     code = ("import sys, edgeft.runtime.gguf; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_latency_contract_counts_forwards(files, monkeypatch):
+    from conftest import assert_forward_accounting, slowed
+
+    from edgeft.runtime import gguf as rt_mod
+
+    with GGUFRuntime(files["f32"], n_threads=1) as rt:
+        monkeypatch.setattr(rt_mod.llama_cpp, "llama_decode", slowed(rt_mod.llama_cpp.llama_decode))
+        assert_forward_accounting(rt.generate([1, 20, 30, 40], 4, ignore_eos=True), 4)
+
+
+def test_hf_runtime_latency_contract_counts_forwards(tiny_llama_dir):
+    from conftest import assert_forward_accounting, slowed
+
+    from edgeft.runtime.hf import HFRuntime
+
+    rt = HFRuntime(tiny_llama_dir, n_threads=1)
+    rt.model.forward = slowed(rt.model.forward)
+    assert_forward_accounting(rt.generate([1, 20, 30, 40], 4, ignore_eos=True), 4)

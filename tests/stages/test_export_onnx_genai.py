@@ -129,3 +129,25 @@ def test_genai_runtime_imports_no_torch():
     code = ("import sys, edgeft.runtime.onnx_genai; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_genai_latency_contract_counts_forwards(genai, monkeypatch):
+    """Each append_tokens runs a forward: TTFT is the prompt's alone, decode the n-1 after the first token."""
+    from conftest import assert_forward_accounting, slowed
+
+    from edgeft.runtime import onnx_genai
+
+    real = onnx_genai.og.Generator
+
+    class SlowGenerator:
+        def __init__(self, *a):
+            self._g = real(*a)
+            self.append_tokens = slowed(self._g.append_tokens)
+
+        def __getattr__(self, name):
+            return getattr(self._g, name)
+
+    rt = onnx_genai.GenaiRuntime(genai.path / "fp32", n_threads=1)
+    monkeypatch.setattr(onnx_genai.og, "Generator", SlowGenerator)
+    assert_forward_accounting(rt.generate([1, 20, 30, 40], 4, ignore_eos=True), 4)
+    rt.close()
