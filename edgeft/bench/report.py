@@ -36,7 +36,7 @@ def write(records: list[dict], out: Path, selection: str = "", notes: list[str] 
     plots = _plots(records, out)
     if plots:
         parts.append("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
-    for n in list(notes) + threads_note(records) + llama_agreement(records):
+    for n in list(notes) + reference_note(records) + threads_note(records) + llama_agreement(records):
         parts.append(f"\n{n}\n")
     (out / REPORT_MD).write_text("".join(parts))
     return md + (f"\n{selection}\n" if selection else "")
@@ -62,6 +62,13 @@ def spread_table(records: list[dict]) -> str:
             d = f"{_s(dec)} ({_cell(dec['min'])}-{_cell(dec['max'])})" if dec and i == 0 else ""
             lines.append(f"| {r['name']} | {n} | {_s(row['ttft_ms'])} | {_s(row['prefill_tok_s'])} | {d} |")
     return "\n".join(lines) + "\n"
+
+
+def reference_note(records: list[dict]) -> list[str]:
+    """Which row the agreement columns are measured against (its own cells are '-': not measured)."""
+    ref = next((r["name"] for r in records if r.get("agreement_reference")), None)
+    return [f"top1_agreement, kld and greedy_match are measured against **{ref}** (the reference row, '-')."] \
+        if ref else []
 
 
 def threads_note(records: list[dict]) -> list[str]:
