@@ -222,7 +222,7 @@ def _llama_cpp_source() -> Path:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={ver}", "--no-binary",
-                            ":all:", "--no-deps", "--no-build-isolation", "-d", tmp], check=True)
+                            ":all:", "--no-deps", "-d", tmp], check=True)  # its build backend comes isolated
             tarball = next(Path(tmp).glob("*.tar.gz"))
             shutil.unpack_archive(tarball, root)
     return src

@@ -104,12 +104,9 @@ def open_bundle(path: str | Path, verify: bool = True, trusted: list[bytes] | No
         raise UserError(f"{path}: not a bundle (no {MANIFEST_NAME}); pass the dist/PROFILE dir that "
                         "`edgeft export` wrote")
     raw = _read_capped(mpath, _MANIFEST_MAX)
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{mpath}: corrupt manifest; {_FIX}") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND_BUNDLE:
-        kind = manifest.get("kind") if isinstance(manifest, dict) else None
+    manifest = _json_object(raw, mpath)
+    if manifest.get("kind") != KIND_BUNDLE:
+        kind = manifest.get("kind")
         raise UserError(f"{path}: artifact kind is '{kind}', not a bundle; pass the dist/PROFILE dir that "
                         "`edgeft export` wrote")
     signer = signing.check(path, raw, trusted or [])
@@ -193,13 +190,9 @@ def _verify_file(path: Path, rel: str, meta: dict, keep: str | None):
 def _spec(path: Path, raw: bytes, manifest: dict) -> dict:
     """bundle.json from its verified bytes; every path it names must be a manifest entry in the bundle."""
     where = path / BUNDLE_FILE
-    try:
-        spec = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{where}: not valid JSON; {_FIX}") from None
-    if not isinstance(spec, dict) or spec.get("bundle_version") != BUNDLE_VERSION:
-        version = spec.get("bundle_version") if isinstance(spec, dict) else None
-        raise UserError(f"{where}: bundle_version {version} is not {BUNDLE_VERSION}; install the edgeft version "
+    spec = _json_object(raw, where)
+    if spec.get("bundle_version") != BUNDLE_VERSION:
+        raise UserError(f"{where}: bundle_version {spec.get('bundle_version')} is not {BUNDLE_VERSION}; install the edgeft version "
                         "that built it or re-export")
     files = manifest["files"]
     variant = spec.get("variant")
@@ -219,6 +212,17 @@ def _spec(path: Path, raw: bytes, manifest: dict) -> dict:
         raise UserError(f"{where}: manual '{str(manual)[:200]}' is not a file of this bundle's manifest (hostile or "
                         f"edited bundle.json); refusing it; {_FIX}")
     return spec
+
+
+def _json_object(raw: bytes, where: Path) -> dict:
+    """A JSON object from verified bytes; anything else is a corrupt bundle file."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        obj = None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: corrupt (not a JSON object); {_FIX}")
+    return obj
 
 
 def _read_capped(path: Path, cap: int) -> bytes:
