@@ -18,13 +18,12 @@ import os
 import shutil
 from pathlib import Path
 
-from edgeft import artifact, pipeline, preflight
+from edgeft import artifact, host, pipeline, preflight
 from edgeft import profile as profiles
 from edgeft.artifact import Artifact
 from edgeft.config import from_dict
 from edgeft.constants import (BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_README, BUNDLE_RUNNER, BUNDLE_SUMS,
-                              BUNDLE_VERSION,
-                              EVAL_FILE, KIND_BUNDLE, KIND_DATA, KIND_HF, MANIFEST_NAME, MANUAL_FILE,
+                              BUNDLE_VERSION, EVAL_FILE, KIND_BUNDLE, KIND_DATA, KIND_HF, MANIFEST_NAME, MANUAL_FILE,
                               REPORT_JSON, REPORT_MD)
 from edgeft.errors import StageFailure, UserError
 from edgeft.profile import Profile
@@ -117,7 +116,7 @@ def export(prof: Profile, src: Path, out: Path, *, data: Path | None = None, wor
         "manual": MANUAL_FILE if (data_art.path / MANUAL_FILE).is_file() else None,
         "source": {"tuned_id": tuned.id, "tuned_path": str(tuned.path.resolve()), "bench_id": bench.id,
                    "export_id": src_art.id},
-        "built_on": host_description(),
+        "built_on": host.describe(),
         "example_question": _example_question(data_art),
     }
 
@@ -185,13 +184,6 @@ def resolve_source(src: Path, data: Path | None = None) -> tuple[Artifact, Artif
     if not (data_art.path / EVAL_FILE).is_file():
         raise UserError(f"{data_art.path}: no {EVAL_FILE} to bench on; rerun the data stage with an eval split")
     return tuned, data_art, run_dir
-
-
-def host_description() -> dict:
-    """The build host the bench numbers were measured on (CPU model, cores, numerics-relevant ISA)."""
-    from edgeft import host
-
-    return host.describe()
 
 
 def _example_question(data_art: Artifact) -> str:

@@ -45,11 +45,9 @@ def load_profile(name: str | None, paths: list[Path], overrides: dict):
         return profile.load(name or "x86-cpu", overrides)
     from edgeft.bench.targets import verified_bundle
 
-    verified = verified_bundle(bundle)
-    bundle = bundle / BUNDLE_FILE
-    raw = {**verified.spec["profile"], **overrides}
-    prof = from_dict(profile.Profile, raw, str(bundle))
-    profile.validate(prof, str(bundle))
+    raw = {**verified_bundle(bundle).spec["profile"], **overrides}  # verified as `ask` verifies it
+    prof = from_dict(profile.Profile, raw, str(bundle / BUNDLE_FILE))
+    profile.validate(prof, str(bundle / BUNDLE_FILE))
     return prof
 
 

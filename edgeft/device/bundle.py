@@ -43,22 +43,21 @@ class Bundle:
 
     @property
     def model_path(self) -> Path:
-        """The .gguf file (through its verified descriptor where /proc allows) or the ONNX model dir."""
-        rel = self.spec["variant"]["path"]
-        fd = self.handles.get(rel)
-        if fd is not None and Path(f"/proc/self/fd/{fd}").exists():
-            return Path(f"/proc/self/fd/{fd}")
-        return self.path / rel
+        """The .gguf file (through its verified descriptor) or the ONNX model dir."""
+        return self._opened(self.spec["variant"]["path"])
 
     @property
     def lora_path(self) -> Path | None:
         """The LoRA GGUF applied over the model at run time (adapter exports), through its verified descriptor."""
         rel = self.spec["variant"].get("lora")
-        if not rel:
-            return None
+        return self._opened(rel) if rel else None
+
+    def _opened(self, rel: str) -> Path:
+        """/proc/self/fd/N for a file held open since it was hashed (so a swap on disk cannot reach the
+        runtime); the plain path where /proc is missing or the file is opened by its runtime itself."""
         fd = self.handles.get(rel)
-        return Path(f"/proc/self/fd/{fd}") if fd is not None and Path(f"/proc/self/fd/{fd}").exists() \
-            else self.path / rel
+        proc = Path(f"/proc/self/fd/{fd}")
+        return proc if fd is not None and proc.exists() else self.path / rel
 
     @property
     def format(self) -> str:
@@ -94,7 +93,7 @@ class Bundle:
         self.handles.clear()
 
 
-def open_bundle(path: str | Path, verify: bool = True, trusted: list[bytes] | None = None) -> Bundle:
+def open_bundle(path: str | Path, trusted: list[bytes] | None = None) -> Bundle:
     """Read and verify a bundle; refuse any missing, changed, extra or outside file, or a bad signature."""
     from edgeft.device import signing
 
@@ -112,10 +111,7 @@ def open_bundle(path: str | Path, verify: bool = True, trusted: list[bytes] | No
     signer = signing.check(path, raw, trusted or [])
     bundle = Bundle(path, {}, manifest, signer)
     try:
-        if verify:
-            verify_bundle(path, manifest, bundle)
-        else:
-            bundle.blobs[BUNDLE_FILE] = (path / BUNDLE_FILE).read_bytes()
+        verify_bundle(path, manifest, bundle)
         bundle.spec = _spec(path, bundle.blobs[BUNDLE_FILE], manifest)
     except BaseException:
         bundle.close()
@@ -263,7 +259,7 @@ def open_runtime(bundle: Bundle, threads: int | None = None, n_ctx: int | None =
         runtime = OnnxRuntime(bundle.model_path, n_threads=threads, provider=provider)
         # onnxruntime opened the graph and its external data by path: hash what it read once more
         bundle.recheck([r for r in bundle.manifest["files"] if r.startswith(bundle.spec["variant"]["path"] + "/")
-                        and r.endswith((".onnx", ".data", ".onnx_data"))])
+                        and r.endswith(_RUNTIME_OPENED)])
         return runtime
     raise UserError(f"{bundle.path / BUNDLE_FILE}: unknown variant format {bundle.format!r} (gguf or onnx)")
 

@@ -7,6 +7,8 @@ way transformers renders it (sandboxed jinja2, trim_blocks, lstrip_blocks).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from functools import cached_property
 from pathlib import Path
@@ -49,8 +51,8 @@ class PromptFormatter:
         try:
             self.tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
             self.config = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
-        except (ValueError, UnicodeDecodeError, Exception) as e:  # tokenizers raises its own Exception type
-            raise UserError(f"{self.dir}: cannot read the tokenizer ({str(e).splitlines()[0][:200]}); "
+        except Exception as e:  # bad UTF-8, bad JSON, or tokenizers' own exception type
+            raise UserError(f"{self.dir}: cannot read the tokenizer ({(str(e).splitlines() or [''])[0][:200]}); "
                             "save it again with transformers save_pretrained") from None
         if not isinstance(self.config, dict):
             raise UserError(f"{self.dir / 'tokenizer_config.json'}: expected a JSON object")
@@ -82,7 +84,7 @@ class PromptFormatter:
         def raise_exception(msg):
             raise UserError(f"{self.dir}: chat template refused the messages: {msg}")
 
-        env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
+        env = _sandbox_class()(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         try:
             return env.from_string(self.template_source)
@@ -134,22 +136,22 @@ class _TooBig(Exception):
     pass
 
 
-def _bounded_sandbox():
+@functools.cache
+def _sandbox_class():
+    """jinja2's immutable sandbox, plus: no `**`, and no string or list from `*` or `+` over the output bound.
+    Built on first use: jinja2 is imported only when a template renders."""
+    from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Bounded(ImmutableSandboxedEnvironment):
-        """The sandbox, plus: no string or list made by `*` or `+` may exceed the output bound."""
-
         intercepted_binops = frozenset(["*", "+", "**"])
 
         def call_binop(self, context, operator, left, right):
             if operator == "**":
-                raise jinja2_security("power operator")
-            if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int):
-                if len(left) * right > MAX_RENDER_CHARS:
-                    raise _TooBig
-            if operator == "*" and isinstance(right, (str, list, tuple)) and isinstance(left, int):
-                if len(right) * left > MAX_RENDER_CHARS:
+                raise SecurityError("the power operator is not allowed in a chat template")
+            if operator == "*":  # refuse before building: 'x' * 300000000 is the attack
+                seq, n = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
                     raise _TooBig
             out = super().call_binop(context, operator, left, right)
             if isinstance(out, (str, list, tuple)) and len(out) > MAX_RENDER_CHARS:
@@ -159,41 +161,26 @@ def _bounded_sandbox():
     return Bounded
 
 
-def jinja2_security(what: str):
-    from jinja2.exceptions import SecurityError
-
-    return SecurityError(f"{what} is not allowed in a chat template")
-
-
-def _BoundedSandbox(**kw):  # noqa: N802 - a class factory: jinja2 is imported only when a template renders
-    return _bounded_sandbox()(**kw)
-
-
-class _deadline:  # noqa: N801 - a context manager used like a function
+@contextlib.contextmanager
+def _deadline(seconds: float):
     """Raise TimeoutError in the block after `seconds` (SIGALRM timer; a no-op off the main thread or on Windows)."""
+    import signal
+    import threading
 
-    def __init__(self, seconds: float):
-        self.seconds, self.armed = seconds, False
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    def __enter__(self):
-        import signal
-        import threading
+    def fire(signum, frame):
+        raise TimeoutError
 
-        if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
-            def fire(signum, frame):
-                raise TimeoutError
-            self.old = signal.signal(signal.SIGALRM, fire)
-            signal.setitimer(signal.ITIMER_REAL, self.seconds)
-            self.armed = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.armed:
-            import signal
-
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self.old)
-        return False
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def _token_text(tok) -> str | None:

@@ -85,7 +85,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
 
-    def mat(rows: int, cols: int, qtype) -> None:
+    def mat(rows: int, cols: int, qtype) -> tuple:
         data = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
         return gguf.quants.quantize(data, qtype), qtype
 

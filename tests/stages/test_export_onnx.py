@@ -78,9 +78,7 @@ def test_layout_manifest_and_metrics(exported):
         for name in ("tokenizer.json", "tokenizer_config.json"):  # the hf artifact's own, byte for byte
             assert (d / name).read_bytes() == (art.path.parent / "hf" / name).read_bytes()
     fp32 = art.metrics["types"]["fp32"]
-    # the gate fails on any decisive greedy flip; one the ISA's summation order can explain is a near-tie
-    assert (fp32["greedy_match"] == 1.0 or fp32["greedy_near_tie_flips"]) and fp32["kld"] < 1e-6
-    assert fp32["greedy_match"] >= 0.75
+    assert _greedy_ok(fp32) and fp32["kld"] < 1e-6 and fp32["greedy_match"] >= 0.75
     assert art.metrics["route"]["route"] == "optimum" and art.metrics["tokenizer_prompts_checked"] == 4
     assert art.metrics["types"]["int4"]["quant"] == {"algo": "rtn", "block_size": 32, "symmetric": True,
                                                      "accuracy_level": 4, "matmulnbits_nodes": 15,
@@ -99,6 +97,11 @@ def test_fp32_greedy_and_logits_match_torch(exported, torch_ref):
         worst = max(worst, float(np.abs(rt.logits(ids + new) - ref_logits).max()))
     assert worst < 1e-4, worst  # observed about 1e-5 (logits of magnitude ~5)
     rt.close()
+
+
+def _greedy_ok(gate: dict) -> bool:
+    """The fp32 gate fails on a decisive greedy flip; one at a near-tie (ISA summation order) is counted."""
+    return gate["greedy_match"] == 1.0 or gate["greedy_near_tie_flips"] > 0
 
 
 def _top1_agreement(model_dir, torch_ref) -> float:
@@ -251,8 +254,7 @@ def test_eval_prompts_from_lineage_are_all_checked(tmp_path, tiny_llama_dir):
     art = ex.run(hf, ex.Config(types=("fp32",), parity_tf_prompts=3, parity_new_tokens=4), tmp_path / "onnx")
     m = art.metrics
     assert m["parity_eval_prompts"] == 5 and m["parity_prompts"] == 8 and m["tokenizer_prompts_checked"] == 8
-    assert m["parity_tf_prompts"] == 3
-    assert m["types"]["fp32"]["greedy_match"] == 1.0 or m["types"]["fp32"]["greedy_near_tie_flips"]
+    assert m["parity_tf_prompts"] == 3 and _greedy_ok(m["types"]["fp32"])
     assert art.manifest["inputs"]["parity_data"] == data.id
 
 
@@ -296,8 +298,7 @@ def test_derived_types_only_with_external_data(hf, monkeypatch):
     types = ("fp16", "int8", "int4")
     art = ex.run(hf, ex.Config(types=types, **NO_MIN), hf.path.parent / "derived")
     assert sorted(p.name for p in art.path.iterdir() if p.is_dir()) == sorted(types)
-    gate = art.metrics["fp32_gate"]
-    assert (gate["greedy_match"] == 1.0 or gate["greedy_near_tie_flips"]) and set(art.metrics["types"]) == set(types)
+    assert _greedy_ok(art.metrics["fp32_gate"]) and set(art.metrics["types"]) == set(types)
     artifact.load(art.path, kind="onnx")  # external data files are hashed like the rest
     for t in types:
         data = list((art.path / t).glob(MODEL_FILE + "?*"))  # model.onnx_data / model.onnx.data

@@ -182,8 +182,7 @@ def test_training_after_an_eval_pass_sees_the_same_weights(kernel, tiny_llama_di
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.skipif("not __import__('edgeft.stages.nf4', fromlist=['x']).fused_kernel_available()",
-                    reason="the real fused kernel only exists on AVX512-BF16 hosts")
+@pytest.mark.skipif(not nf4.fused_kernel_available(), reason="the real fused kernel exists on AVX512-BF16 hosts only")
 def test_unpinned_bitsandbytes_repacks_weights_on_eval(tiny_llama_dir):
     """Why training pins the layers: left alone, one eval pass repacks every 4-bit weight for the
     inference kernel, and the repacked layers keep that kernel in training mode too."""
