@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from edgeft.bench import metrics as M
-from edgeft.data import read_jsonl
 from edgeft.device.ask import Asker
 from edgeft.device.bundle import open_bundle
+from edgeft.records import read_jsonl
 
 
 def main() -> None:

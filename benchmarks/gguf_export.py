@@ -1,6 +1,6 @@
 """GGUF export vs llama.cpp's own converter on real-size random-weight Llama configs.
 
-For each model (benchmarks/common.py: 0.35b, 1.1b): HF dir -> F16 GGUF by edgeft.gguf_writer and by
+For each model (benchmarks/common.py: 0.35b, 1.1b): HF dir -> F16 GGUF by edgeft.gguf.writer and by
 llama.cpp's convert_hf_to_gguf.py (run in place inside the llama-cpp-python sdist, with its vendored
 gguf-py), each in a fresh subprocess: wall time and peak RSS (VmHWM). Both F16 files then go through
 llama.cpp's quantizer to Q4_K_M and are decoded with 2 threads (warm-up, median of 3, each file in its
@@ -33,7 +33,7 @@ PROMPT_TOKENS, NEW_TOKENS, REPEATS, THREADS = 32, 128, 3, 2
 _OURS = """
 import json, sys, time
 t0 = time.perf_counter()
-from edgeft.gguf_writer import convert
+from edgeft.gguf.writer import convert
 convert(sys.argv[1], sys.argv[2], "f16")
 dt = time.perf_counter() - t0
 hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]

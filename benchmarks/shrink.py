@@ -26,8 +26,7 @@ METRICS = ("key_fact", "rouge_l", "exact_match")
 
 def ensure_tuned(run: Path):
     """The demo run's tuned model and data artifacts, running the demo recipe first when they are missing."""
-    from edgeft import artifact, pipeline
-    from edgeft import profile
+    from edgeft import artifact, pipeline, profile
 
     if not (run / "merge" / "manifest.json").is_file():
         recipe = pipeline.load_recipe(REPO / "recipes" / "demo.yaml", {})
@@ -45,18 +44,18 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgeft.bench.harness import Config as BenchConfig
-    from edgeft.bench.harness import Variant, run_bench
+    from edgeft.bench.harness import Target, run_bench
     from edgeft.constants import EVAL_FILE
-    from edgeft.data import read_jsonl
+    from edgeft.records import read_jsonl
     from edgeft.stages import distill, export_gguf, prune
 
     tuned, data = ensure_tuned(args.run)
     out = args.out or args.run / "shrink-bench"
     out.mkdir(parents=True, exist_ok=True)
     fp16_bytes = (tuned.path / "model.safetensors").stat().st_size
-    rows, variants, timings = {}, [Variant("tuned", "torch", "fp32", str(tuned.path))], {}
+    rows, variants, timings = {}, [Target("tuned", "torch", "fp32", str(tuned.path))], {}
     q4 = export_gguf.run(tuned, export_gguf.Config(types=("q4_k_m",)), out / "tuned-gguf")
-    variants.append(Variant("tuned-q4_k_m", "gguf", "q4_k_m", str(q4.path / "model-q4_k_m.gguf")))
+    variants.append(Target("tuned-q4_k_m", "gguf", "q4_k_m", str(q4.path / "model-q4_k_m.gguf")))
     rows["tuned"] = {"params": tuned_params(tuned.path), "bytes": fp16_bytes}
     rows["tuned-q4_k_m"] = {"params": rows["tuned"]["params"], "bytes": gguf_bytes(q4)}
     for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -76,9 +75,9 @@ def main() -> None:
         rows[f"{tag}-pruned"] = {"params": n, "bytes": (pruned.path / "model.safetensors").stat().st_size}
         rows[f"{tag}-distilled"] = {"params": n, "bytes": (student.path / "model.safetensors").stat().st_size}
         rows[f"{tag}-distilled-q4_k_m"] = {"params": n, "bytes": gguf_bytes(gg)}
-        variants += [Variant(f"{tag}-pruned", "torch", "fp32", str(pruned.path)),
-                     Variant(f"{tag}-distilled", "torch", "fp32", str(student.path)),
-                     Variant(f"{tag}-distilled-q4_k_m", "gguf", "q4_k_m", str(gg.path / "model-q4_k_m.gguf"))]
+        variants += [Target(f"{tag}-pruned", "torch", "fp32", str(pruned.path)),
+                     Target(f"{tag}-distilled", "torch", "fp32", str(student.path)),
+                     Target(f"{tag}-distilled-q4_k_m", "gguf", "q4_k_m", str(gg.path / "model-q4_k_m.gguf"))]
     cfg = BenchConfig(max_samples=args.samples, max_new_tokens=40, repeats=1, warmup=0, decode_tokens=16,
                       prompt_lengths=(32,), ppl_tokens=0)
     records = run_bench(variants, read_jsonl(data.path / EVAL_FILE), tuned.path, cfg, out / "bench-work")

@@ -60,7 +60,7 @@ def main() -> None:
     results["edgeft"] = edgeft(model_dir, data_art, work, args, args.steps, packing=False)
     results["edgeft_packing"] = edgeft(model_dir, data_art, work, args, packed_steps, packing=True)
     if not args.skip_ablation:
-        from edgeft.stages import batching
+        from edgeft.training import batching
 
         saved = batching.use_varlen, batching._PLAIN_HEAD_TYPES
         try:
@@ -119,7 +119,7 @@ def n_params(model_dir: Path) -> int:
 
 def data_artifact(path: str, work: Path):
     """An edgeft data artifact of `path`, or of the embedded demo QA pairs when the file is missing."""
-    from edgeft import data
+    from edgeft.stages import data
 
     if path and Path(path).is_file():
         return data.run(None, data.Config(train=path, eval=""), work / "data" / Path(path).stem), path
@@ -135,9 +135,9 @@ def data_artifact(path: str, work: Path):
 def encode(model_dir: Path, data_art, max_length: int) -> list:
     """The train split as (ids, labels): exactly what the train stage feeds its loop."""
     from edgeft.constants import TRAIN_FILE
-    from edgeft.data import read_jsonl
+    from edgeft.records import read_jsonl
     from edgeft.runtime.prompt import PromptFormatter
-    from edgeft.stages.train import _examples
+    from edgeft.training.examples import encode as _examples
 
     return _examples(PromptFormatter(model_dir), read_jsonl(data_art.path / TRAIN_FILE), max_length)
 

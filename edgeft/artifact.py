@@ -47,8 +47,35 @@ class Artifact:
         return self.manifest["stage"]
 
     @property
-    def metrics(self) -> dict:
-        return self.manifest.get("metrics", {})
+    def metrics(self) -> dict:  # what the stage measured (sizes, losses, gates)
+        return self.manifest.get("metrics") or {}
+
+    @property
+    def params(self) -> dict:  # the stage's exact config, as hashed into the id
+        return self.manifest.get("params") or {}
+
+    @property
+    def inputs(self) -> dict:  # what else went into the id: data and base ids, file hashes
+        return self.manifest.get("inputs") or {}
+
+    @property
+    def parent(self) -> dict:
+        """The parent's {id, stage, path}, or {} for a root artifact."""
+        return self.manifest.get("parent") or {}
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    """The manifest of a directory as a dict, None when it has none; a corrupt one is a UserError. No hashing."""
+    mpath = Path(path) / MANIFEST_NAME
+    if not mpath.is_file():
+        return None
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{mpath}: corrupt manifest ({e}); delete {Path(path)} and rerun its stage") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{mpath}: corrupt manifest (not a JSON object); delete {Path(path)} and rerun its stage")
+    return manifest
 
 
 def artifact_id(parent_id: str | None, stage: str, params: Any, inputs: dict | None = None) -> str:
@@ -82,11 +109,7 @@ def load(path: str | Path, kind: str | tuple[str, ...] | None = None, verify: bo
     if not mpath.is_file():
         raise UserError(f"{path}: not a finished edgeft artifact (no {MANIFEST_NAME}); "
                         "rerun the stage that produces it")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{mpath}: corrupt manifest ({e}); delete {path} and rerun its stage") from None
-    art = Artifact(path, manifest)
+    art = Artifact(path, read_manifest(path))
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds and art.kind not in kinds:
         raise UserError(f"{path}: artifact kind is '{art.kind}', this stage needs {' or '.join(kinds)}; "
@@ -106,19 +129,74 @@ def verify_files(art: Artifact) -> None:
     sig = (art.id, _stat_signature(art.path, listed))
     if _VERIFIED.get(key) == sig:
         return  # hashed earlier in this process and not touched since (size and mtime unchanged)
-    root = art.path.resolve()
-    for rel, meta in listed.items():
-        f = art.path / rel
-        if Path(rel).is_absolute() or root not in (root / rel).resolve().parents:
-            raise UserError(f"{art.path / MANIFEST_NAME}: file entry '{rel}' points outside the artifact; "
-                            "the manifest was edited by hand or is hostile: rebuild the artifact")
-        if not f.is_file():
-            raise UserError(f"{f}: listed in {art.path / MANIFEST_NAME} but missing; "
-                            f"rebuild the artifact (delete {art.path} and rerun)")
-        if f.stat().st_size != meta["size"] or sha256_file(f) != meta["sha256"]:
-            raise UserError(f"{f}: changed since its manifest was written (sha256 mismatch); "
-                            f"rebuild the artifact (delete {art.path} and rerun)")
+    verify_dir(art.path, listed, what="artifact", fix=f"rebuild the artifact (delete {art.path} and rerun)")
     _VERIFIED[key] = sig
+
+
+def verify_dir(root: Path, files: dict, *, what: str, fix: str, exclusive: tuple[str, ...] | None = None,
+               keep: Callable[[str], str | None] = lambda rel: None, keep_max: int = 64 << 20) -> dict:
+    """The one check of a manifest's files, for artifacts and bundles alike: every entry inside `root`, present,
+    of its size and sha256, each hashed through one descriptor. `exclusive`: also refuse symlinks and any file
+    not listed (but those named). `keep(rel)` = 'bytes' keeps a small file's verified bytes, 'fd' its open
+    descriptor (the caller closes it): what the device then uses, never the path reopened. Returns them by entry."""
+    root = Path(root)
+    mpath, real = root / MANIFEST_NAME, root.resolve()
+    for rel in files:
+        if not isinstance(rel, str) or Path(rel).is_absolute() or real not in (real / rel).resolve().parents:
+            raise UserError(f"{mpath}: file entry '{str(rel)[:200]}' points outside the {what} (a hostile or "
+                            f"hand-edited manifest); refusing it; {fix}")
+    if exclusive is not None:
+        for f in sorted(root.rglob("*")):
+            rel = f.relative_to(root).as_posix()
+            if f.is_symlink():
+                raise UserError(f"{f}: a symlink inside the {what}; it holds plain files only; {fix}")
+            if f.is_file() and rel not in files and rel not in exclusive:
+                raise UserError(f"{f}: not part of the {what} (unlisted in {MANIFEST_NAME}); remove it or {fix}")
+    kept: dict = {}
+    try:
+        for rel, meta in files.items():
+            got = _verify_file(root, rel, meta, keep(rel), keep_max, what, fix)
+            if got is not None:
+                kept[rel] = got
+    except BaseException:
+        for v in kept.values():
+            if isinstance(v, int):
+                os.close(v)
+        raise
+    return kept
+
+
+def _verify_file(root: Path, rel: str, meta: dict, keep: str | None, keep_max: int, what: str, fix: str):
+    f = root / rel
+    try:
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        raise UserError(f"{f}: listed in {root / MANIFEST_NAME} but missing from the {what}; {fix}") from None
+    try:
+        size = os.fstat(fd).st_size
+        changed = UserError(f"{f}: changed since its manifest was written (sha256 mismatch: it does not match the "
+                            f"{what} manifest; tampered or corrupted); {fix}")
+        if not isinstance(meta, dict) or size != meta.get("size"):
+            raise changed
+        h, chunks = hashlib.sha256(), []
+        small = keep == "bytes" and size <= keep_max
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+            if small:
+                chunks.append(chunk)
+        if h.hexdigest() != meta.get("sha256"):
+            raise changed
+    except BaseException:
+        os.close(fd)
+        raise
+    if small:
+        os.close(fd)
+        return b"".join(chunks)
+    if keep == "fd":
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+    os.close(fd)
+    return None
 
 
 def _stat_signature(root: Path, listed: dict) -> tuple:
@@ -260,8 +338,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -279,7 +357,7 @@ def lineage(path: str | Path) -> list[Artifact]:
 def parent_of(art: Artifact) -> Artifact | None:
     """`art`'s recorded parent (unverified): at its recorded path, else beside `art` under the same name (a run
     dir that was moved or copied keeps its lineage); only an artifact with the recorded id counts."""
-    parent = art.manifest.get("parent")
+    parent = art.parent
     if not parent:
         return None
     for cand in (Path(parent["path"]), art.path.parent / Path(parent["path"]).name):

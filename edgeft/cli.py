@@ -32,9 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_run = sub.add_parser("run", help="run the whole chain of a recipe for a device profile")
-    p_run.add_argument("--recipe", required=True, type=Path, help="recipe YAML (base model, data, stage params)")
+    p_run.add_argument("--recipe", type=Path, help="recipe YAML (base model, data, stage params); required")
     p_run.add_argument("--profile", default="x86-cpu", help="device profile name (profiles/) or YAML path")
-    p_run.add_argument("--out", required=True, type=Path, help="run directory (one artifact dir per stage)")
+    p_run.add_argument("--out", type=Path, help="run directory (one artifact dir per stage); required")
+    p_run.add_argument("--help-config", nargs="?", const="", metavar="SECTION",
+                       help="print every key of a recipe section (train, export_gguf, bench, base, ...) or of "
+                            "profile, with its type, default and meaning, and exit; no SECTION lists the sections")
     p_run.add_argument("overrides", nargs="*", metavar="key=value",
                        help="typed overrides: section.key=value (base.model=, data.train=, train.method=, "
                             "profile.threads=, ...)")
@@ -89,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p_doc.add_argument("--trust", type=Path, action="append", metavar="PUBKEY",
                        help="accept only bundles signed by this key (as for ask)")
     args = parser.parse_args(argv)
+    if args.cmd == "run" and args.help_config is None and (args.recipe is None or args.out is None):
+        p_run.error("the following arguments are required: "
+                    + ", ".join(a for a, v in (("--recipe", args.recipe), ("--out", args.out)) if v is None))
     if not args.debug:
         _quiet()
     try:
@@ -119,6 +125,8 @@ def _cmd_run(args) -> int:
     from edgeft import pipeline, profile
     from edgeft.config import parse_overrides
 
+    if args.help_config is not None:
+        return _cmd_help_config(args.help_config)
     if not args.recipe.is_file():
         raise UserError(f"--recipe: file not found: {args.recipe}")
     overrides = parse_overrides(args.overrides)
@@ -131,6 +139,25 @@ def _cmd_run(args) -> int:
         return 0
     print("\n" + (arts["bench"].path / "report.md").read_text(), flush=True)
     print(f"done: {len(arts)} artifacts in {args.out}; report: {arts['bench'].path / 'report.md'}")
+    return 0
+
+
+def _cmd_help_config(section: str) -> int:
+    """`edgeft run --help-config [SECTION]`: the keys of a recipe section or of the profile, or the sections."""
+    from edgeft import pipeline
+    from edgeft.config import help_lines
+    from edgeft.profile import Profile
+
+    sections = {**pipeline.recipe_schema(), "profile": Profile}
+    if not section:
+        print("config sections (edgeft run --help-config SECTION prints the keys of one):")
+        for name in sections:
+            where = "device profile YAML" if name == "profile" else "recipe YAML"
+            print(f"  {name:<12} {where}; override with {name}.KEY=VALUE")
+        return 0
+    if section not in sections:
+        raise UserError(f"--help-config: unknown section '{section}'; valid sections: {', '.join(sections)}")
+    print("\n".join(help_lines(sections[section], section)))
     return 0
 
 
@@ -153,10 +180,10 @@ def _cmd_show(args) -> int:
 def _cmd_export(args) -> int:
     from edgeft import profile
     from edgeft.config import parse_overrides
-    from edgeft.export import export
+    from edgeft.stages import bundle as bundle_stage
 
     overrides = parse_overrides(args.overrides)
-    stages = ("export_gguf", "export_onnx")
+    from edgeft.pipeline import EXPORT_STAGES as stages
     bad = [k for k in overrides if k.split(".", 1)[0] not in ("profile", *stages)]
     if bad:
         raise UserError(f"export: override '{bad[0]}' is neither profile.KEY nor {'.KEY nor '.join(stages)}.KEY")
@@ -172,7 +199,8 @@ def _cmd_export(args) -> int:
 
         key = load_private(args.sign)
     out = args.out or Path("dist") / prof.name
-    bundle = export(prof, args.src, out, data=args.data, stage_params=stage_params)
+    bundle = bundle_stage.run(args.src, bundle_stage.Config(profile=prof, stage_params=stage_params), out,
+                              data=args.data)
     signed = ""
     if key is not None:
         from edgeft.device.signing import sign

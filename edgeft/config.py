@@ -15,6 +15,49 @@ import yaml
 from edgeft.errors import UserError, short
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its meaning: `name: type = opt(default, "help")` (shown by `edgeft run --help-config`).
+
+    Defaults are immutable (str, numbers, bools, tuples); a list, dict or set gets a copying default_factory.
+    """
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The help text of a config field ('' when it has none)."""
+    return str(f.metadata.get("help", "")).strip()
+
+
+def format_default(value: Any) -> str:
+    """A default as it would be written in YAML or a `key=value` override: true, 0.0002, q8_0,q4_k_m, "", []."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (tuple, list)):
+        return ",".join(format_default(v) for v in value) if value else "[]"
+    if isinstance(value, str):
+        return value if value else '""'
+    return str(value)
+
+
+def help_lines(cls: type, section: str) -> list[str]:
+    """One line per field of dataclass `cls`: `SECTION.KEY (type, default X): help`."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = format_default(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = format_default(f.default_factory())
+        else:
+            default = "required"
+        typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        out.append(f"{section}.{f.name} ({typ}, default {default}): {field_help(f) or '(no help)'}")
+    return out
+
+
 def load_yaml(path: Path) -> dict:
     """Read a YAML mapping; a syntax error names the file and line."""
     try:

@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeft import artifact
-from edgeft.config import apply_overrides, from_dict, load_yaml
+from edgeft.bundle import preflight
+from edgeft.config import apply_overrides, from_dict, load_yaml, opt
 from edgeft.constants import EMBEDDED, KIND_ADAPTER, SMOLLM2
 from edgeft.errors import UserError
-from edgeft.profile import Profile
-from edgeft.stages import dist  # torch-free until a stage joins a process group
+from edgeft.profile import STAGE_KEYS, Profile, stage_config
+from edgeft.training import dist  # torch-free until a stage joins a process group
 
-# The stage registry: literal and ordered, modules imported only when a stage runs.
+# The stage registry: literal and ordered (the chain's order), modules imported only when a stage runs.
 STAGES = {
-    "data": "edgeft.data",
+    "data": "edgeft.stages.data",
     "base_import": "edgeft.stages.base_import",  # base.model = a .gguf file: imported once, cached by sha256
     "train": "edgeft.stages.train",
     "merge": "edgeft.stages.merge",
@@ -30,20 +31,20 @@ STAGES = {
     "export_gguf": "edgeft.stages.export_gguf",
     "export_onnx": "edgeft.stages.export_onnx",
     "bench": "edgeft.stages.bench",
+    "bundle": "edgeft.stages.bundle",  # `edgeft export`: pre-flight, the profile's variants, bench, select, bundle
 }
-RECIPE_SECTIONS = {"data": "data", "train": "train", "merge": "merge", "prune": "prune", "distill": "distill",
-                   "export_gguf": "export_gguf", "export_onnx": "export_onnx", "bench": "bench"}  # section -> stage
-# Export keys the device profile sets (what to build for that device); a recipe sets the others (gates, imatrix, ...)
-PROFILE_EXPORT_KEYS = {"export_gguf": {"types": "gguf", "threads": "threads"},
-                       "export_onnx": {"types": "onnx", "route": "onnx_route"}}
+# A recipe has one section per stage, in the registry's order, but for the two configured elsewhere: base_import
+# by the recipe's `base` section, bundle by the device profile (`edgeft export`).
+RECIPE_SECTIONS = tuple(name for name in STAGES if name not in ("base_import", "bundle"))
+EXPORT_STAGES = ("export_gguf", "export_onnx")
 
 
 @dataclass(frozen=True)
 class Base:
-    model: str = EMBEDDED  # hub id, local model dir, a .gguf file, 'smollm2' (SmolLM2-135M-Instruct from the
-    # package registry) or 'embedded' (the built-in demo base)
-    trust_remote_code: bool = False  # run model code shipped with a hub model; recorded when on
-    pretrain_steps: int = 450  # embedded base only: pretraining steps on the manual (~3 min on 2 cores)
+    model: str = opt(EMBEDDED, "hub id, local model dir, a .gguf file, 'smollm2' (SmolLM2-135M-Instruct from the "
+                               "package registry) or 'embedded' (the built-in demo base)")
+    trust_remote_code: bool = opt(False, "run model code shipped with a hub model; recorded when on")
+    pretrain_steps: int = opt(450, "embedded base only: pretraining steps on the manual (~3 min on 2 cores)")
 
 
 def stage(name: str):
@@ -54,7 +55,7 @@ def stage(name: str):
 def recipe_schema() -> dict[str, type]:
     """Section name -> Config dataclass, for validation and overrides."""
     schema = {"base": Base}
-    schema.update({sec: stage(st).Config for sec, st in RECIPE_SECTIONS.items()})
+    schema.update({sec: stage(sec).Config for sec in RECIPE_SECTIONS})
     return schema
 
 
@@ -66,7 +67,7 @@ def load_recipe(path: Path, overrides: dict[str, str]) -> dict:
         if sec not in schema and sec != "name":
             raise UserError(f"{path}: unknown section '{sec}'; valid sections: name, {', '.join(schema)}")
     raw = apply_overrides(raw, overrides, schema, "override")
-    for sec, keys in PROFILE_EXPORT_KEYS.items():
+    for sec, keys in STAGE_KEYS.items():
         for key, prof_key in keys.items():
             if isinstance(raw.get(sec), dict) and key in raw[sec]:
                 raise UserError(f"{path}: {sec}.{key} is set by the device profile ({prof_key}); choose a profile "
@@ -79,20 +80,19 @@ def load_recipe(path: Path, overrides: dict[str, str]) -> dict:
 def export_configs(profile: Profile, recipe: dict | None = None) -> dict:
     """The export stages a profile asks for: the recipe's export sections with the profile's keys on top."""
     out = {}
-    for name, keys in PROFILE_EXPORT_KEYS.items():
-        fixed = {key: getattr(profile, prof_key) for key, prof_key in keys.items()}
-        if fixed["types"]:
-            cfg = (recipe or {}).get(name) or stage(name).Config()
-            out[name] = dataclasses.replace(cfg, **fixed)
+    for name in EXPORT_STAGES:
+        cfg = stage_config(name, (recipe or {}).get(name) or stage(name).Config(), profile, on_device=False)
+        if cfg.types:
+            out[name] = cfg
     return out
 
 
 def run(recipe: dict, profile: Profile, out: Path) -> dict[str, artifact.Artifact]:
     """Run the whole chain into `out`; returns the artifacts by stage name."""
-    from edgeft.stages import hf_io
+    from edgeft.training import hf_io
 
-    for sec, st in RECIPE_SECTIONS.items():  # every stage refuses bad values before any stage runs
-        validate = getattr(stage(st), "validate", None)
+    for sec in RECIPE_SECTIONS:  # every stage refuses bad values before any stage runs
+        validate = getattr(stage(sec), "validate", None)
         if validate:
             validate(recipe[sec])
     for name, cfg in export_configs(profile, recipe).items():
@@ -149,7 +149,9 @@ def _run(recipe: dict, profile: Profile, out: Path, base_src) -> dict[str, artif
             key = f"{name}_{shrunk.stage}"
             arts[key] = stage(name).run(shrunk, cfg, out / f"{name.split('_', 1)[1]}-{shrunk.stage}")
             exports.append(arts[key])
-    bench_cfg = stage("bench").for_profile(recipe["bench"], profile)
+    # the bench runs here, on the build host: the device's figures (bandwidth, budgets, context) but no GPU offload
+    max_context = preflight.model_shape(tuned.path).max_positions
+    bench_cfg = stage_config("bench", recipe["bench"], profile, on_device=False, max_context=max_context)
     base_path = base_src.path if isinstance(base_src, artifact.Artifact) else base_src
     arts["bench"] = stage("bench").run(tuned, bench_cfg, out / "bench", data=arts["data"], base=base_path,
                                        exports=exports)

@@ -8,15 +8,17 @@ steps down when a variant does not fit, the context length to serve, and the acc
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft.config import from_dict, load_yaml
+from edgeft import variants
+from edgeft.config import from_dict, load_yaml, opt
 from edgeft.errors import UserError, short
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
-FORMATS = ("gguf", "onnx")  # ladder entries are FORMAT:QUANT
+FORMATS = variants.FORMATS  # ladder entries are FORMAT:QUANT
 ONNX_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
                   "XnnpackExecutionProvider", "NnapiExecutionProvider", "QNNExecutionProvider",
                   "CoreMLExecutionProvider")
@@ -24,28 +26,42 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 ACCELERATORS = ("cpu", "cuda")
 KV_CACHE_TYPES = ("f16", "f32")  # what edgeft.runtime.gguf offers
 
+# The one mapping of a profile onto stage configs (`edgeft run`, `edgeft export` and `edgeft bench` all use
+# stage_config): stage key -> profile key. What to build for the device is the profile's call, and so is how
+# the bench runs it; a recipe may not set these keys (edgeft.pipeline.load_recipe refuses them).
+STAGE_KEYS = {
+    "export_gguf": {"types": "gguf", "threads": "threads"},
+    "export_onnx": {"types": "onnx", "route": "onnx_route"},
+    "bench": {"max_samples": "bench_samples", "threads": "threads", "n_ctx": "context_length",
+              "bandwidth_gbs": "bandwidth_gbs",
+              "kv_cache_type": "kv_cache_type", "n_gpu_layers": "n_gpu_layers", "onnx_provider": "onnx_provider",
+              "accuracy_budget": "accuracy_budget", "memory_budget_gb": "memory_budget_gb"},
+}
+# the device's accelerator settings: kept when the bench runs on the device itself, off on the build host
+_ON_DEVICE_ONLY = {"n_gpu_layers": 0, "onnx_provider": "CPUExecutionProvider"}
+
 
 @dataclass(frozen=True)
 class Profile:
-    name: str = "x86-cpu"
-    description: str = ""
-    memory_gb: float = 16.0  # device RAM (unified memory on a Jetson), GiB
-    memory_budget_gb: float = 8.0  # what the model may use: weights + KV cache + runtime, GiB
-    bandwidth_gbs: float = 36.0  # memory bandwidth, GB/s (datasheet or measured): bounds decode tok/s
-    threads: int = 2  # CPU threads for the runtimes
-    context_length: int = 512  # tokens the deployed model must serve
-    gguf: tuple[str, ...] = ("f16", "q8_0", "q4_k_m")  # GGUF types to build (empty = none)
-    onnx: tuple[str, ...] = ("fp32", "int8")  # ONNX types to build (empty = none)
-    onnx_provider: str = "CPUExecutionProvider"  # onnxruntime execution provider on the device
-    onnx_route: str = "optimum"  # ONNX export route: optimum (broad) | genai (onnxruntime-genai builder, CPU/x86)
-    n_gpu_layers: int = 0  # llama.cpp layers offloaded to the GPU (-1 = all)
-    accuracy_budget: float = 0.95  # a variant must keep this share of the tuned model's rouge_l (0 = no gate)
-    bench_samples: int = 120  # eval prompts measured per variant (0 = all)
-    ladder: tuple[str, ...] = ()  # FORMAT:QUANT best first, exactly the built types; empty = by bits, widest first
-    accelerator: str = "cpu"  # cpu | cuda: GPU offload and GPU execution providers need cuda
-    kv_cache_type: str = "f16"  # llama.cpp KV cache precision on the device (pre-flight bytes per value)
-    runtime_overhead_gb: float = 0.25  # runtime code, compute buffers (+ CUDA context on a GPU), GiB
-    install: str = "pip install 'edgeft[device]'"  # how the device runtimes install there (bundle README)
+    name: str = opt("x86-cpu", "profile name: names dist/NAME and bundle files (letters, digits, '.', '_', '-')")
+    description: str = opt("", "the device in a sentence or two, for the bundle's README")
+    memory_gb: float = opt(16.0, "device RAM (unified memory on a Jetson), GiB")
+    memory_budget_gb: float = opt(8.0, "what the model may use: weights + KV cache + runtime, GiB")
+    bandwidth_gbs: float = opt(36.0, "memory bandwidth, GB/s (datasheet or measured): bounds decode tok/s")
+    threads: int = opt(2, "CPU threads for the runtimes")
+    context_length: int = opt(512, "tokens the deployed model must serve")
+    gguf: tuple[str, ...] = opt(("f16", "q8_0", "q4_k_m"), "GGUF types to build (empty = none)")
+    onnx: tuple[str, ...] = opt(("fp32", "int8"), "ONNX types to build (empty = none)")
+    onnx_provider: str = opt("CPUExecutionProvider", "onnxruntime execution provider on the device")
+    onnx_route: str = opt("optimum", "ONNX export route: optimum (broad) | genai (onnxruntime-genai builder, CPU/x86)")
+    n_gpu_layers: int = opt(0, "llama.cpp layers offloaded to the GPU (-1 = all)")
+    accuracy_budget: float = opt(0.95, "a variant must keep this share of the tuned model's rouge_l (0 = no gate)")
+    bench_samples: int = opt(120, "eval prompts measured per variant (0 = all)")
+    ladder: tuple[str, ...] = opt((), "FORMAT:QUANT best first, exactly the built types; empty = by bits, widest first")
+    accelerator: str = opt("cpu", "cpu | cuda: GPU offload and GPU execution providers need cuda")
+    kv_cache_type: str = opt("f16", "llama.cpp KV cache precision on the device (pre-flight bytes per value)")
+    runtime_overhead_gb: float = opt(0.25, "runtime code, compute buffers (+ CUDA context on a GPU), GiB")
+    install: str = opt("pip install 'edgeft[device]'", "how the device runtimes install there (bundle README)")
 
 
 def resolve(name_or_path: str) -> Path:
@@ -124,6 +140,9 @@ def validate(prof: Profile, where: str = "profile") -> None:
         types = getattr(prof, key)
         if len(set(types)) != len(types):
             raise bad(key, "lists a type twice")
+        unknown = [t for t in types if f"{key}:{t}" not in variants.VARIANTS]
+        if unknown:
+            raise bad(key, f"unknown type {short(unknown[0])}; use some of {', '.join(variants.quants(key))}")
     if not prof.gguf and not prof.onnx:
         raise bad("gguf", "nothing to build: list GGUF or ONNX types")
     built = {f"gguf:{t}" for t in prof.gguf} | {f"onnx:{t}" for t in prof.onnx}
@@ -147,7 +166,20 @@ def ladder(prof: Profile) -> tuple[str, ...]:
     """The profile's variants as FORMAT:QUANT, best first (its ladder, or widest bits first)."""
     if prof.ladder:
         return tuple(prof.ladder)
-    from edgeft.preflight import bits_per_weight
-
     entries = [f"gguf:{t}" for t in prof.gguf] + [f"onnx:{t}" for t in prof.onnx]
-    return tuple(sorted(entries, key=lambda e: -bits_per_weight(e)))
+    return tuple(sorted(entries, key=lambda e: -variants.parse(e).bpw))
+
+
+def stage_config(stage: str, cfg, prof: Profile, *, on_device: bool, max_context: int = 0):
+    """`cfg` (the stage's Config) with `prof`'s keys for that stage (STAGE_KEYS): the one profile mapping.
+
+    on_device: the bench runs on the device the profile describes (`edgeft bench` there); otherwise on
+    this build host, so GPU offload and GPU execution providers stay off. max_context: the model's
+    max_position_embeddings, which caps the profile's context length (0 = unknown).
+    """
+    fixed = {key: getattr(prof, pkey) for key, pkey in STAGE_KEYS[stage].items()}
+    if not on_device:
+        fixed.update({k: v for k, v in _ON_DEVICE_ONLY.items() if k in fixed})
+    if "n_ctx" in fixed and max_context:
+        fixed["n_ctx"] = min(fixed["n_ctx"], max_context)
+    return dataclasses.replace(cfg, **fixed)

@@ -143,7 +143,8 @@ def make_tiny_run(run: Path, model_dir: Path) -> Path:
     """A run dir like `edgeft run` leaves: the embedded data and `model_dir` as the tuned hf artifact."""
     import shutil
 
-    from edgeft import artifact, data
+    from edgeft import artifact
+    from edgeft.stages import data
 
     data.run(None, data.Config(), run / "data")
 
@@ -179,3 +180,23 @@ def assert_forward_accounting(result, n_new: int) -> None:
     assert FORWARD_S <= result.ttft_s < 2 * FORWARD_S, f"TTFT {result.ttft_s:.3f} s is not one forward"
     assert (n_new - 1) * FORWARD_S <= result.decode_s < n_new * FORWARD_S, \
         f"decode {result.decode_s:.3f} s is not {n_new - 1} forwards"
+
+
+def make_adapter(base_dir: Path, out: Path, **lora_kwargs) -> Path:
+    """A peft LoRA on every linear layer with random (nonzero) A and B, saved like the train stage does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                   "up_proj", "down_proj"], lora_dropout=0.0)
+    cfg.update(lora_kwargs)
+    peft_model = get_peft_model(model, LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_run
 
 from edgeft import profile
 from edgeft.constants import BUNDLE_FILE, MANIFEST_NAME
+
+from conftest import make_tiny_run
 
 # torch and transformers made unimportable before edgeft runs
 TORCH_FREE = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
@@ -34,11 +35,13 @@ def run_dir(tmp_path_factory, tiny_llama_dir) -> Path:
 
 
 def _bundle(run: Path, out: Path, **types) -> Path:
-    from edgeft.export import export
+    from edgeft.stages.bundle import Config as BundleConfig
+    from edgeft.stages.bundle import run as export_bundle
 
     # random weights: no accuracy gate (nor the ONNX export's top-1 gate); one thread (shared CI cores)
     prof = profile.load("tiny", {**types, "bench_samples": "2", "accuracy_budget": "0", "threads": "1"})
-    return export(prof, run, out, stage_params={"export_onnx": {"min_top1_int8": 0.0}} if prof.onnx else None).path
+    params = {"export_onnx": {"min_top1_int8": 0.0}} if prof.onnx else {}
+    return export_bundle(run, BundleConfig(profile=prof, stage_params=params), out).path
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeft import preflight, profile
+from edgeft import profile
+from edgeft.bundle import preflight
 from edgeft.errors import UserError
 
 SHIPPED = {"jetson", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb", "rpi5-8gb", "x86-cpu", "android-arm64", "tiny"}

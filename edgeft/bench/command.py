@@ -13,21 +13,16 @@ from pathlib import Path
 
 from edgeft import artifact
 from edgeft.bench import report, targets
-from edgeft.bench.harness import Config, run_bench
+from edgeft.bench.harness import GATE_KEYS, Config, run_bench
 from edgeft.constants import KIND_BENCH, REPORT_MD
 from edgeft.errors import UserError
+from edgeft.profile import stage_config
 
 
 def config_for(profile, samples: int | None = None, repeats: int | None = None,
                max_new_tokens: int | None = None) -> Config:
-    """The harness config for a device profile, with the command line's sample/repeat counts.
-
-    The budgets stay at their defaults: they gate (`--select`), they do not change what is measured,
-    so a changed budget reuses the finished measurement.
-    """
-    cfg = Config(threads=profile.threads, max_samples=profile.bench_samples, n_ctx=profile.context_length,
-                 bandwidth_gbs=profile.bandwidth_gbs, n_gpu_layers=profile.n_gpu_layers,
-                 onnx_provider=profile.onnx_provider, kv_cache_type=getattr(profile, "kv_cache_type", "f16"))
+    """The harness config for the device profile this bench runs on, with the command line's counts."""
+    cfg = stage_config("bench", Config(), profile, on_device=True)
     for key, v in (("max_samples", samples), ("repeats", repeats), ("max_new_tokens", max_new_tokens)):
         if v is not None:
             cfg = dataclasses.replace(cfg, **{key: v})
@@ -81,7 +76,9 @@ def run(paths: list[Path], profile, *, eval_path: Path | None, out: Path | None,
         report.write(recs, tmp, "", note)
         return {"variants": len(recs), "samples": cfg.max_samples, "reference": ref.name}
 
-    art = artifact.build(out, kind=KIND_BENCH, stage="bench", params=cfg, parent=None, payload=payload,
+    # the budgets gate (`--select`), they do not change what is measured: a changed budget reuses the measurement
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in GATE_KEYS}
+    art = artifact.build(out, kind=KIND_BENCH, stage="bench", params=params, parent=None, payload=payload,
                          inputs=inputs)
     print((art.path / REPORT_MD).read_text(), flush=True)
     return json.loads((art.path / "report.json").read_text()) + [r for rep in t.reports for r in rep

@@ -10,12 +10,11 @@ initializers, safetensors header), so a quantized file is predicted from its rea
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+from edgeft import safetensors_file, shapes
+
 _TORCH_RUNTIME_BYTES = 4  # HFRuntime computes in fp32 whatever dtype the safetensors hold
 
 
@@ -53,11 +52,6 @@ def of_variant(fmt: str, path: str | Path, kv_elem_bytes: int) -> Footprint:
     raise ValueError(f"unknown variant format {fmt!r}")
 
 
-def kv_bytes_per_pos(n_layers: int, n_kv_heads: int, head_dim: int, elem_bytes: int) -> int:
-    """K and V of every layer for one position, bytes."""
-    return 2 * n_layers * n_kv_heads * head_dim * elem_bytes
-
-
 def _gguf(path: Path, kv_elem_bytes: int) -> Footprint:
     from gguf import GGUFReader
 
@@ -73,17 +67,17 @@ def _gguf(path: Path, kv_elem_bytes: int) -> Footprint:
     if emb is not None and "output.weight" in tensors:  # untied: only one embedding row is read
         rows = int(emb.shape[-1])  # gguf shapes are [n_embd, n_vocab]
         touched -= int(emb.n_bytes) - int(emb.n_bytes) // rows
-    n_heads = int(meta["attention.head_count"])
-    kv_heads = int(meta.get("attention.head_count_kv", n_heads))
-    head_dim = int(meta.get("attention.key_length", int(meta["embedding_length"]) // n_heads))
+    # the GGUF keys under their config.json names (no key_length: n_embd / n_head, as without head_dim)
+    cfg = {"num_hidden_layers": meta["block_count"], "hidden_size": int(meta["embedding_length"]),
+           "num_attention_heads": meta["attention.head_count"],
+           "num_key_value_heads": meta.get("attention.head_count_kv"), "head_dim": meta.get("attention.key_length")}
     return Footprint(params=sum(int(t.n_elements) for t in tensors.values()), weight_bytes=total,
-                     touched_bytes=touched,
-                     kv_bytes_per_pos=kv_bytes_per_pos(int(meta["block_count"]), kv_heads, head_dim, kv_elem_bytes))
+                     touched_bytes=touched, kv_bytes_per_pos=shapes.kv_bytes_per_token(cfg, kv_elem_bytes))
 
 
 def _onnx(model_dir: Path, kv_elem_bytes: int) -> Footprint:
     cfg = json.loads((model_dir / "config.json").read_text())
-    kv = _kv_from_config(cfg, kv_elem_bytes)
+    kv = shapes.kv_bytes_per_token(cfg, kv_elem_bytes)
     files = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
     try:
         import onnx
@@ -119,35 +113,16 @@ def _onnx(model_dir: Path, kv_elem_bytes: int) -> Footprint:
 
 def _torch(model_dir: Path, kv_elem_bytes: int) -> Footprint:
     cfg = json.loads((model_dir / "config.json").read_text())
-    shapes = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                shapes[name] = (meta["shape"], _ST_BYTES.get(meta["dtype"], 4))
-    params = 0
-    for shape, _ in shapes.values():
-        n = 1
-        for d in shape:
-            n *= d
-        params += n
+    infos = {t.name: t for f in sorted(model_dir.glob("*.safetensors")) for t in safetensors_file.tensors(f)}
+    params = sum(t.numel for t in infos.values())
     weight_bytes = params * _TORCH_RUNTIME_BYTES
     touched = weight_bytes
-    emb = next((s for name, (s, _) in shapes.items() if name.endswith("embed_tokens.weight")), None)
-    tied = cfg.get("tie_word_embeddings", False) or not any(k.endswith("lm_head.weight") for k in shapes)
+    emb = next((t.shape for name, t in infos.items() if name.endswith("embed_tokens.weight")), None)
+    tied = cfg.get("tie_word_embeddings", False) or not any(k.endswith("lm_head.weight") for k in infos)
     if emb is not None and not tied:
         touched -= (emb[0] - 1) * emb[1] * _TORCH_RUNTIME_BYTES
     return Footprint(params=params, weight_bytes=weight_bytes, touched_bytes=touched,
-                     kv_bytes_per_pos=_kv_from_config(cfg, kv_elem_bytes))
-
-
-def _kv_from_config(cfg: dict, elem_bytes: int) -> int:
-    heads = int(cfg["num_attention_heads"])
-    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
-    return kv_bytes_per_pos(int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads") or heads),
-                            head_dim, elem_bytes)
+                     kv_bytes_per_pos=shapes.kv_bytes_per_token(cfg, kv_elem_bytes))
 
 
 def _params_from_config(cfg: dict) -> int:
@@ -156,9 +131,7 @@ def _params_from_config(cfg: dict) -> int:
         h, v, i, n = (int(cfg[k]) for k in ("hidden_size", "vocab_size", "intermediate_size", "num_hidden_layers"))
     except KeyError:
         return 0
-    heads = int(cfg["num_attention_heads"])
-    hd = int(cfg.get("head_dim") or h // heads)
-    kvh = int(cfg.get("num_key_value_heads") or heads)
+    heads, hd, kvh = shapes.n_heads(cfg), shapes.head_dim(cfg), shapes.kv_heads(cfg)
     attn = h * heads * hd * 2 + h * kvh * hd * 2
     if cfg.get("attention_bias") or cfg.get("model_type") == "qwen2":
         attn += heads * hd + 2 * kvh * hd

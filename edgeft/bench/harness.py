@@ -14,33 +14,37 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeft import host
+from edgeft import host, shapes
 from edgeft.bench.latency import prompt_lengths
+from edgeft.config import opt
 from edgeft.errors import StageFailure, UserError
 from edgeft.runtime.prompt import PromptFormatter
 
 
 @dataclass(frozen=True)
 class Config:
-    max_samples: int = 120  # eval prompts measured (0 = all); spread over the split deterministically
-    max_new_tokens: int = 48  # generation cap per prompt
-    threads: int = 2  # runtime threads (the profile's)
-    n_ctx: int = 512  # runtime context, tokens (the profile's context_length, capped at the model's)
-    warmup: int = 1  # untimed runs before the timed ones
-    repeats: int = 5  # timed runs per latency figure; medians and spread reported
-    prompt_lengths: tuple[int, ...] = ()  # prefill lengths timed, tokens; empty = n_ctx/8 and n_ctx/2
-    decode_tokens: int = 64  # tokens per timed decode run (EOS ignored so every run does equal work)
-    ppl_tokens: int = 4096  # held-out manual tokens scored for perplexity (0 = skip)
-    bandwidth_gbs: float = 36.0  # device memory bandwidth for the predicted decode rate, GB/s (profile's)
-    n_gpu_layers: int = 0  # llama.cpp layers offloaded (profile's)
-    onnx_provider: str = "CPUExecutionProvider"  # onnxruntime execution provider (profile's)
-    kv_cache_type: str = "f16"  # llama.cpp KV cache precision, f16 | f32 (profile's)
-    accuracy_budget: float = 0.95  # share of the tuned model's rouge_l a selected variant keeps (profile's)
-    memory_budget_gb: float = 8.0  # memory a selected variant may use, GiB (profile's)
+    max_samples: int = opt(120, "eval prompts measured (0 = all); spread over the split deterministically")
+    max_new_tokens: int = opt(48, "generation cap per prompt")
+    threads: int = opt(2, "runtime threads (the profile's)")
+    n_ctx: int = opt(512, "runtime context, tokens (the profile's context_length, capped at the model's)")
+    warmup: int = opt(1, "untimed runs before the timed ones")
+    repeats: int = opt(5, "timed runs per latency figure; medians and spread reported")
+    prompt_lengths: tuple[int, ...] = opt((), "prefill lengths timed, tokens; empty = n_ctx/8 and n_ctx/2")
+    decode_tokens: int = opt(64, "tokens per timed decode run (EOS ignored so every run does equal work)")
+    ppl_tokens: int = opt(4096, "held-out manual tokens scored for perplexity (0 = skip)")
+    bandwidth_gbs: float = opt(36.0, "device memory bandwidth for the predicted decode rate, GB/s (profile's)")
+    n_gpu_layers: int = opt(0, "llama.cpp layers offloaded (profile's)")
+    onnx_provider: str = opt("CPUExecutionProvider", "onnxruntime execution provider (profile's)")
+    kv_cache_type: str = opt("f16", "llama.cpp KV cache precision, f16 | f32 (profile's)")
+    accuracy_budget: float = opt(0.95, "share of the tuned model's rouge_l a selected variant keeps (profile's)")
+    memory_budget_gb: float = opt(8.0, "memory a selected variant may use, GiB (profile's)")
+
+
+GATE_KEYS = ("accuracy_budget", "memory_budget_gb")  # Config keys that gate a selection, not the measurement
 
 
 @dataclass(frozen=True)
-class Variant:
+class Target:
     """One thing to measure: a torch model dir, a .gguf file or an onnx model dir."""
 
     name: str
@@ -50,7 +54,7 @@ class Variant:
     lora: str = ""  # gguf: a LoRA GGUF llama.cpp applies over `path` at run time (export_gguf.adapter=true)
 
 
-def run_bench(variants: list[Variant], eval_records: list[dict], tokenizer_dir: Path, cfg: Config,
+def run_bench(variants: list[Target], eval_records: list[dict], tokenizer_dir: Path, cfg: Config,
               work: Path, heldout_text: str = "") -> list[dict]:
     """Measure `variants` (the first is the reference) and return one record each."""
     work.mkdir(parents=True, exist_ok=True)
@@ -115,4 +119,4 @@ def model_context(model_dir: Path) -> int | None:
     p = Path(model_dir) / "config.json"
     if not p.is_file():
         return None
-    return json.loads(p.read_text()).get("max_position_embeddings")
+    return shapes.max_positions(json.loads(p.read_text())) or None

@@ -11,48 +11,80 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft.bench.harness import Variant
-from edgeft.constants import (BUNDLE_FILE, BUNDLE_MODEL_DIR, EVAL_FILE, KIND_BENCH, KIND_DATA, KIND_GGUF,
-                              KIND_HF, KIND_ONNX, MANIFEST_NAME, MANUAL_HELDOUT_FILE, REPORT_JSON)
+from edgeft import variants
+from edgeft.artifact import read_manifest
+from edgeft.bench.harness import Target
+from edgeft.constants import (
+    BUNDLE_FILE,
+    BUNDLE_MODEL_DIR,
+    EVAL_FILE,
+    KIND_BENCH,
+    KIND_DATA,
+    KIND_GGUF,
+    KIND_HF,
+    KIND_ONNX,
+    MANUAL_HELDOUT_FILE,
+    REPORT_JSON,
+)
 from edgeft.errors import UserError
-
-
-_NOT_MODELS = ("imatrix", "adapter")  # GGUF files an export writes beside its models
 
 
 @dataclass
 class Targets:
     """Variants to measure, the tokenizer to feed them, and reports already written (bench dirs, bundles)."""
 
-    variants: list[Variant]
+    variants: list[Target]
     tokenizer_dir: Path | None
     reports: list[list[dict]]
 
 
-def export_variants(kind: str, path: Path) -> list[Variant]:
-    """The variants an export artifact built, from its manifest (never every .gguf lying there: the imatrix
-    and a LoRA adapter are GGUF files too); a directory without a manifest is globbed for model files."""
+def export_variants(kind: str, path: Path) -> list[Target]:
+    """The variants an export artifact built, from its manifest (edgeft.variants names the files); a directory
+    without a manifest holds model files that say their own type (GGUF header, ONNX type dir)."""
     metrics = _manifest(path).get("metrics") or {}
     if kind == KIND_GGUF and isinstance(metrics.get("files"), dict):
         lora = (metrics.get("adapter") or {}).get("file")
-        return [Variant(f"gguf-{t}", "gguf", t, str(path / meta["file"]), str(path / lora) if lora else "")
+        return [_target(variants.get("gguf", t), path / meta["file"], str(path / lora) if lora else "")
                 for t, meta in sorted(metrics["files"].items())]
     if kind == KIND_ONNX and isinstance(metrics.get("types"), dict):
-        return [Variant(f"onnx-{t}", "onnx", t, str(path / t)) for t in sorted(metrics["types"])
-                if (path / t / "model.onnx").is_file()]
+        return [_target(variants.get("onnx", t), path / variants.get("onnx", t).file) for t in sorted(metrics["types"])
+                if (path / variants.get("onnx", t).file / "model.onnx").is_file()]
     if kind == KIND_GGUF:
-        return [Variant(f"gguf-{p.stem.split('-', 1)[-1]}", "gguf", p.stem.split("-", 1)[-1], str(p))
-                for p in sorted(path.glob("*.gguf")) if not p.name.startswith(_NOT_MODELS)]
-    return [Variant(f"onnx-{p.parent.name}", "onnx", p.parent.name, str(p.parent))
-            for p in sorted(path.glob("*/model.onnx"))]
+        return [t for p in sorted(path.glob("*.gguf")) if (t := gguf_file(p)) is not None]
+    return [_target(variants.get("onnx", p.parent.name), p.parent) for p in sorted(path.glob("*/model.onnx"))
+            if f"onnx:{p.parent.name}" in variants.VARIANTS]
+
+
+def gguf_file(p: Path) -> Target | None:
+    """A loose .gguf file as a target, its type read from its header; None for a LoRA adapter or an imatrix."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(p).fields
+    except (ValueError, OSError) as e:
+        raise UserError(f"bench: {p}: not a readable GGUF file ({e}); pass a model .gguf") from None
+
+    def value(key):
+        f = fields.get(key)
+        return None if f is None else f.parts[f.data[0]].tolist()
+
+    kind = value("general.type")
+    if kind is not None and bytes(kind).decode() != "model" or "imatrix.chunk_count" in fields:
+        return None
+    file_type = value("general.file_type")
+    v = variants.gguf_from_file_type(int(file_type[0])) if file_type else None
+    if v is None:
+        raise UserError(f"bench: {p}: its general.file_type {file_type} is none of "
+                        f"{', '.join(variants.quants('gguf'))}; convert it with edgeft export_gguf")
+    return _target(v, p)
+
+
+def _target(v, path: Path, lora: str = "") -> Target:
+    return Target(v.name, v.format, v.quant, str(path), lora)
 
 
 def _manifest(path: Path) -> dict:
-    m = path / MANIFEST_NAME
-    try:
-        return json.loads(m.read_text()) if m.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{m}: corrupt manifest; rebuild the artifact") from None
+    return read_manifest(path) or {}
 
 
 def discover(paths: list[Path]) -> Targets:
@@ -62,9 +94,9 @@ def discover(paths: list[Path]) -> Targets:
         found, tok = _one(Path(p), t)
         for v in found:
             if v.format == "torch" and not any(x.format == "torch" for x in t.variants):
-                v = Variant("tuned", v.format, v.quant, v.path)  # the first torch model is the reference
+                v = Target("tuned", v.format, v.quant, v.path)  # the first torch model is the reference
             if any(x.name == v.name for x in t.variants):
-                v = Variant(f"{v.name}@{Path(v.path).parent.name}", v.format, v.quant, v.path)
+                v = Target(f"{v.name}@{Path(v.path).parent.name}", v.format, v.quant, v.path)
             t.variants.append(v)
         if t.tokenizer_dir is None and tok is not None and (tok / "tokenizer.json").is_file():
             t.tokenizer_dir = tok
@@ -73,7 +105,7 @@ def discover(paths: list[Path]) -> Targets:
 
 def eval_set(path: Path, heldout: Path | None) -> tuple[list[dict], str]:
     """Eval records and held-out manual text from a data artifact dir or a JSONL file (+ a .txt)."""
-    from edgeft.data import load_records, read_jsonl
+    from edgeft.records import load_records, read_jsonl
 
     path = Path(path)
     text = ""
@@ -94,10 +126,12 @@ def eval_set(path: Path, heldout: Path | None) -> tuple[list[dict], str]:
     return records, text
 
 
-def _one(p: Path, t: Targets) -> tuple[list[Variant], Path | None]:
+def _one(p: Path, t: Targets) -> tuple[list[Target], Path | None]:
     if p.is_file() and p.suffix == ".gguf":
-        q = p.stem.split("-", 1)[-1]
-        return [Variant(f"gguf-{q}", "gguf", q, str(p))], p.parent
+        t = gguf_file(p)
+        if t is None:
+            raise UserError(f"bench: {p} is a LoRA adapter or an importance matrix, not a model; pass the model .gguf")
+        return [t], p.parent
     if not p.is_dir():
         raise UserError(f"bench: {p}: not a .gguf file or a directory; pass a bundle, an artifact dir, "
                         "an ONNX model dir or a .gguf file")
@@ -107,7 +141,7 @@ def _one(p: Path, t: Targets) -> tuple[list[Variant], Path | None]:
         if REPORT_JSON in bundle.blobs:
             t.reports.append(json.loads(bundle.blobs[REPORT_JSON]))
         lora = str(p / spec["lora"]) if spec.get("lora") else ""
-        return [Variant(spec["name"], spec["format"], spec["quant"], str(p / spec["path"]), lora)], \
+        return [Target(spec["name"], spec["format"], spec["quant"], str(p / spec["path"]), lora)], \
             p / BUNDLE_MODEL_DIR
     kind = _kind(p)
     if kind == KIND_BENCH:
@@ -119,9 +153,12 @@ def _one(p: Path, t: Targets) -> tuple[list[Variant], Path | None]:
     if kind == KIND_DATA:
         raise UserError(f"bench: {p} is a data artifact; pass it as --eval")
     if (p / "model.onnx").is_file():
-        return [Variant(f"onnx-{p.name}", "onnx", p.name, str(p))], p
+        if f"onnx:{p.name}" not in variants.VARIANTS:
+            raise UserError(f"bench: {p}: an ONNX model dir is named for its type ({', '.join(variants.quants('onnx'))})"
+                            "; rename it or pass its export artifact dir")
+        return [_target(variants.get("onnx", p.name), p)], p
     if kind == KIND_HF or ((p / "config.json").is_file() and any(p.glob("*.safetensors"))):
-        return [Variant(p.name, "torch", "fp32", str(p))], p
+        return [Target(p.name, "torch", "fp32", str(p))], p
     vs = export_variants(KIND_GGUF, p) + export_variants(KIND_ONNX, p)
     if not vs:
         raise UserError(f"bench: {p}: no bundle.json, manifest, .gguf file or */model.onnx found; pass a bundle, "
@@ -140,10 +177,4 @@ def verified_bundle(p: Path):
 
 
 def _kind(p: Path) -> str | None:
-    m = p / MANIFEST_NAME
-    if not m.is_file():
-        return None
-    try:
-        return json.loads(m.read_text()).get("kind")
-    except json.JSONDecodeError:
-        raise UserError(f"{m}: corrupt manifest; rebuild the artifact") from None
+    return _manifest(p).get("kind")

@@ -14,24 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeft import artifact
+from edgeft.config import opt
 from edgeft.constants import KIND_DATA, KIND_HF, MANUAL_FILE, TRAIN_FILE
-from edgeft.data import read_jsonl
+from edgeft.records import read_jsonl
 
 
 @dataclass(frozen=True)
 class Config:
-    vocab_size: int = 1024  # SentencePiece BPE pieces
-    hidden_size: int = 256  # multiple of 256: K-quant rows stay whole
-    intermediate_size: int = 768  # multiple of 256, distinct from vocab_size
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2  # GQA, as real small models use
-    max_position: int = 512  # context length, tokens
-    seq_len: int = 128  # pretraining window, tokens
-    batch_size: int = 16
-    steps: int = 450  # pretraining optimizer steps (~3 minutes on 2 cores)
-    lr: float = 3e-3  # peak; cosine decay to 10%
-    seed: int = 0
+    vocab_size: int = opt(1024, "SentencePiece BPE pieces")
+    hidden_size: int = opt(256, "multiple of 256: K-quant rows stay whole")
+    intermediate_size: int = opt(768, "multiple of 256, distinct from vocab_size")
+    num_layers: int = opt(4, "decoder blocks")
+    num_heads: int = opt(4, "attention (query) heads per block")
+    num_kv_heads: int = opt(2, "GQA, as real small models use")
+    max_position: int = opt(512, "context length, tokens")
+    seq_len: int = opt(128, "pretraining window, tokens")
+    batch_size: int = opt(16, "pretraining windows per optimizer step")
+    steps: int = opt(450, "pretraining optimizer steps (~3 minutes on 2 cores)")
+    lr: float = opt(3e-3, "peak learning rate; cosine decay to 10%")
+    seed: int = opt(0, "seed for the tokenizer, weight init and window sampling")
 
 
 def cache_dir() -> Path:

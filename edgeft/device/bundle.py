@@ -12,15 +12,14 @@ A GPU setting the device cannot honour falls back to the CPU with a warning on s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeft.constants import (BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_VERSION, KIND_BUNDLE, MANIFEST_NAME,
-                              SIGNATURE_FILE)
+from edgeft import artifact
+from edgeft.constants import BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_VERSION, KIND_BUNDLE, MANIFEST_NAME, SIGNATURE_FILE
 from edgeft.errors import UserError
 
 _KEEP_BYTES = 64 << 20  # files up to this size are kept as the verified bytes the device then uses
@@ -83,8 +82,7 @@ class Bundle:
 
     def recheck(self, rels: list[str]) -> None:
         """Hash these files again (those a runtime opened by path) against the manifest."""
-        for rel in rels:
-            _verify_file(self.path, rel, self.manifest["files"][rel], keep=None)
+        artifact.verify_dir(self.path, {rel: self.manifest["files"][rel] for rel in rels}, what="bundle", fix=_FIX)
 
     def close(self) -> None:
         """Release the descriptors held open since verification."""
@@ -126,61 +124,18 @@ def verify_bundle(path: Path, manifest: dict, into: Bundle | None = None) -> int
     files = manifest.get("files")
     if not isinstance(files, dict) or BUNDLE_FILE not in files:
         raise UserError(f"{path / MANIFEST_NAME}: lists no {BUNDLE_FILE}; {_FIX}")
-    root = path.resolve()
-    for rel in files:
-        if not isinstance(rel, str) or Path(rel).is_absolute() or root not in (root / rel).resolve().parents:
-            raise UserError(f"{path / MANIFEST_NAME}: entry '{str(rel)[:200]}' points outside the bundle (hostile "
-                            f"or edited manifest); refusing it; {_FIX}")
-    for f in sorted(path.rglob("*")):
-        rel = f.relative_to(path).as_posix()
-        if f.is_symlink():
-            raise UserError(f"{f}: a symlink inside the bundle; bundles hold plain files only; {_FIX}")
-        if f.is_file() and rel not in files and rel not in _UNLISTED_OK:
-            raise UserError(f"{f}: not part of the bundle (unlisted in {MANIFEST_NAME}); remove it or {_FIX}")
-    for rel, meta in files.items():
-        keep = None if into is None else "fd" if rel.endswith(".gguf") else None if rel.endswith(_RUNTIME_OPENED) \
-            else "bytes"
-        kept = _verify_file(path, rel, meta, keep)
-        if isinstance(kept, bytes):
-            into.blobs[rel] = kept
-        elif isinstance(kept, int):
-            into.handles[rel] = kept
+
+    def keep(rel: str) -> str | None:
+        if into is None or rel.endswith(_RUNTIME_OPENED):
+            return None
+        return "fd" if rel.endswith(".gguf") else "bytes"
+
+    kept = artifact.verify_dir(path, files, what="bundle", fix=_FIX, exclusive=_UNLISTED_OK, keep=keep,
+                               keep_max=_KEEP_BYTES)
+    if into is not None:
+        into.blobs.update({r: v for r, v in kept.items() if isinstance(v, bytes)})
+        into.handles.update({r: v for r, v in kept.items() if isinstance(v, int)})
     return len(files)
-
-
-def _verify_file(path: Path, rel: str, meta: dict, keep: str | None):
-    """Hash one file through one descriptor; returns its bytes (keep='bytes', small files), the open
-    descriptor (keep='fd'), or None."""
-    f = path / rel
-    try:
-        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        raise UserError(f"{f}: missing from the bundle (listed in {MANIFEST_NAME}); {_FIX}") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size != meta.get("size"):
-            raise UserError(f"{f}: size does not match the bundle manifest (tampered or corrupted); refusing to "
-                            f"run it; {_FIX}")
-        h, chunks = hashlib.sha256(), []
-        small = keep == "bytes" and size <= _KEEP_BYTES
-        while chunk := os.read(fd, 1 << 20):
-            h.update(chunk)
-            if small:
-                chunks.append(chunk)
-        if h.hexdigest() != meta.get("sha256"):
-            raise UserError(f"{f}: sha256 does not match the bundle manifest (tampered or corrupted); refusing "
-                            f"to run it; {_FIX}")
-    except BaseException:
-        os.close(fd)
-        raise
-    if small:
-        os.close(fd)
-        return b"".join(chunks)
-    if keep == "fd":
-        os.lseek(fd, 0, os.SEEK_SET)
-        return fd
-    os.close(fd)
-    return None
 
 
 def _spec(path: Path, raw: bytes, manifest: dict) -> dict:

@@ -27,7 +27,7 @@ class GGUFRuntime:
 
     def __init__(self, path: str | Path, n_threads: int = 2, n_ctx: int = 512, n_gpu_layers: int = 0,
                  kv_type: str = "f16", lora_path: str | Path | None = None, lora_scale: float = 1.0):
-        # lora_path: a GGUF LoRA adapter (edgeft.gguf_lora) applied at run time over this base, times lora_scale
+        # lora_path: a GGUF LoRA adapter (edgeft.gguf.lora) applied at run time over this base, times lora_scale
         if kv_type not in _KV_TYPES:
             raise ValueError(f"kv_type {kv_type!r}; valid: {', '.join(_KV_TYPES)}")
         self.path = Path(path)

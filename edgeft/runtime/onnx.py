@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgeft import shapes
 from edgeft.runtime.base import GenResult, empty_or_none
 
 MODEL_FILE = "model.onnx"  # the graph inside every exported type dir; external data sits beside it
@@ -39,10 +40,7 @@ class OnnxRuntime:
             raise FileNotFoundError(f"{model_path}: no ONNX model; pass a type dir of an onnx "
                                     "artifact (e.g. <artifact>/int8)")
         cfg = json.loads((self.model_dir / CONFIG_FILE).read_text())
-        self.n_layers = int(cfg["num_hidden_layers"])
-        n_heads = int(cfg["num_attention_heads"])
-        self.kv_heads = int(cfg.get("num_key_value_heads") or n_heads)
-        self.head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads)
+        self.n_layers, self.kv_heads, self.head_dim = shapes.n_layers(cfg), shapes.kv_heads(cfg), shapes.head_dim(cfg)
         self.eos_ids = eos_ids(self.model_dir)
 
         opts = ort.SessionOptions()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeft import artifact
+from edgeft.config import opt
 from edgeft.constants import KIND_HF
 from edgeft.errors import UserError
 
@@ -35,7 +36,7 @@ _PRE = ("gpt2", "gpt-2", "default", "smollm", "llama-bpe", "llama3", "qwen2")
 
 @dataclass(frozen=True)
 class Config:
-    source: str = ""  # the .gguf file (or a dir holding exactly one)
+    source: str = opt("", "the .gguf file (or a dir holding exactly one)")
 
 
 def source_file(model: str) -> Path | None:
@@ -160,7 +161,7 @@ def _pre_tokenizer(pre: str):
     """The tokenizers pre-tokenizer splitting text as llama.cpp's `pre` does (then byte-level)."""
     from tokenizers import Regex, pre_tokenizers
 
-    from edgeft.gguf_vocab import PRE_TOKENIZER_REGEX
+    from edgeft.gguf.vocab import PRE_TOKENIZER_REGEX
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
     if pre in ("gpt2", "gpt-2", "default"):

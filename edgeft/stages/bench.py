@@ -8,24 +8,13 @@ from pathlib import Path
 from edgeft import artifact
 from edgeft.bench import report, targets
 from edgeft.bench.harness import Config as HarnessConfig
-from edgeft.bench.harness import Variant, run_bench
+from edgeft.bench.harness import Target, run_bench
 from edgeft.bench.select import select
-from edgeft.constants import (EVAL_FILE, KIND_BENCH, KIND_DATA, KIND_GGUF, KIND_HF, KIND_ONNX,
-                              MANUAL_HELDOUT_FILE)
-from edgeft.data import read_jsonl
+from edgeft.constants import EVAL_FILE, KIND_BENCH, KIND_DATA, KIND_GGUF, KIND_HF, KIND_ONNX, MANUAL_HELDOUT_FILE
 from edgeft.errors import UserError
+from edgeft.records import read_jsonl
 
 Config = HarnessConfig
-
-
-def for_profile(cfg: Config, profile) -> Config:
-    """The recipe's bench config with the device profile's threads, context, bandwidth and budgets."""
-    return dataclasses.replace(
-        cfg, threads=profile.threads, max_samples=cfg.max_samples or profile.bench_samples,
-        n_ctx=profile.context_length, bandwidth_gbs=profile.bandwidth_gbs, n_gpu_layers=profile.n_gpu_layers,
-        onnx_provider=profile.onnx_provider, kv_cache_type=getattr(profile, "kv_cache_type", cfg.kv_cache_type),
-        accuracy_budget=profile.accuracy_budget,
-        memory_budget_gb=profile.memory_budget_gb)
 
 
 def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifact,
@@ -34,9 +23,9 @@ def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifa
     src = artifact.load(src.path, kind=KIND_HF)
     data = artifact.load(data.path, kind=KIND_DATA)
     exports = [artifact.load(e.path, kind=(KIND_GGUF, KIND_ONNX, KIND_HF)) for e in exports]
-    variants = [Variant("tuned", "torch", "fp32", str(src.path))]
+    variants = [Target("tuned", "torch", "fp32", str(src.path))]
     if base is not None:
-        variants.append(Variant("base", "torch", "fp32", str(base)))
+        variants.append(Target("base", "torch", "fp32", str(base)))
     for e in exports:
         variants += export_variants(e)
     heldout = data.path / MANUAL_HELDOUT_FILE
@@ -72,12 +61,12 @@ def selection(records: list[dict], cfg: Config) -> tuple[str | None, str]:
                           f"needs {pick['memory_mb']:.0f} MiB (budget {pick['memory_budget_mb']:.0f} MiB).")
 
 
-def export_variants(art: artifact.Artifact) -> list[Variant]:
+def export_variants(art: artifact.Artifact) -> list[Target]:
     """One variant per .gguf file or onnx model dir in an export artifact; a pruned or distilled hf artifact
     is one torch variant named after its stage, and its exports carry that name (distill-gguf-q4_k_m)."""
     if art.kind == KIND_HF:
-        return [Variant(art.stage, "torch", "fp32", str(art.path))]
-    parent = (art.manifest.get("parent") or {}).get("stage")
+        return [Target(art.stage, "torch", "fp32", str(art.path))]
+    parent = art.parent.get("stage")
     tag = f"{parent}-" if parent in ("prune", "distill") else ""
     return [dataclasses.replace(v, name=tag + v.name) for v in targets.export_variants(art.kind, art.path)]
 

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from edgeft import artifact
+from edgeft.config import opt
 from edgeft.constants import EVAL_FILE, KIND_DATA, KIND_HF, TEACHER_CACHE_FILE, TRAIN_FILE
-from edgeft.data import IGNORE_INDEX, read_jsonl
 from edgeft.errors import UserError
+from edgeft.records import IGNORE_INDEX, read_jsonl
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import dist, hf_io, loop, sparsity
+from edgeft.training import dist, examples, hf_io, loop, sparsity
 
 LOSSES = ("forward", "reverse", "mixed")
 POSITIONS = ("all", "answer")
@@ -33,28 +34,28 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 @dataclass(frozen=True)
 class Config:
-    epochs: float = 0.0  # passes over the train split; 0 (with max_steps 0) = stage off
-    max_steps: int = 0  # optimizer steps; 0 = derive from epochs
-    batch_size: int = 16  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # peak learning rate (linear warm-up, cosine decay); the student trains in full
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03  # share of steps spent warming up
-    max_length: int = 256  # tokens per example; longer ones are truncated
-    seed: int = 0
-    optim: str = "adamw"  # adamw (the loop's bitsandbytes optimizers need CUDA)
-    log_every: int = 10  # steps between loss-curve points
-    loss: str = "forward"  # forward | reverse | mixed KL between teacher and student
-    mix: float = 0.5  # loss=mixed: weight of forward KL, 1 - mix on reverse KL
-    temperature: float = 2.0  # softens both distributions; the KL is multiplied by T^2
-    alpha: float = 0.7  # weight of the KL term; 1 - alpha on cross-entropy with the labels
-    top_k: int = 0  # 0 = full vocabulary; k = KL over the teacher's k most likely tokens, renormalised
-    positions: str = "all"  # all = every real token of the example; answer = labelled (assistant) tokens only
-    cache: bool = False  # precompute teacher top-k logits to disk, then train without the teacher loaded
-    student: str = ""  # a smaller model dir or hub id with the teacher's tokenizer; '' = the pruned model
-    device: str = "auto"  # auto | cpu | cuda
-    eval_samples: int = 64  # eval examples for eval loss and KL (0 = skip)
-    dtype: str = "float16"  # saved weights: float16 | bfloat16 | float32
+    epochs: float = opt(0.0, "passes over the train split; 0 (with max_steps 0) = stage off")
+    max_steps: int = opt(0, "optimizer steps; 0 = derive from epochs")
+    batch_size: int = opt(16, "examples per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(1e-3, "peak learning rate (linear warm-up, cosine decay); the student trains in full")
+    weight_decay: float = opt(0.0, "AdamW weight decay (decoupled, on the student's parameters)")
+    warmup_ratio: float = opt(0.03, "share of steps spent warming up")
+    max_length: int = opt(256, "tokens per example; longer ones are truncated")
+    seed: int = opt(0, "seed for dropout and the batch order")
+    optim: str = opt("adamw", "adamw (the loop's bitsandbytes optimizers need CUDA)")
+    log_every: int = opt(10, "steps between loss-curve points")
+    loss: str = opt("forward", "forward | reverse | mixed KL between teacher and student")
+    mix: float = opt(0.5, "loss=mixed: weight of forward KL, 1 - mix on reverse KL")
+    temperature: float = opt(2.0, "softens both distributions; the KL is multiplied by T^2")
+    alpha: float = opt(0.7, "weight of the KL term; 1 - alpha on cross-entropy with the labels")
+    top_k: int = opt(0, "0 = full vocabulary; k = KL over the teacher's k most likely tokens, renormalised")
+    positions: str = opt("all", "all = every real token of the example; answer = labelled (assistant) tokens only")
+    cache: bool = opt(False, "precompute teacher top-k logits to disk, then train without the teacher loaded")
+    student: str = opt("", "a smaller model dir or hub id with the teacher's tokenizer; '' = the pruned model")
+    device: str = opt("auto", "auto | cpu | cuda")
+    eval_samples: int = opt(64, "eval examples for eval loss and KL (0 = skip)")
+    dtype: str = opt("float16", "saved weights: float16 | bfloat16 | float32")
 
 
 def enabled(cfg: Config) -> bool:
@@ -106,14 +107,13 @@ def run(src: artifact.Artifact | None, cfg: Config, out: Path, *, data: artifact
               "data_id": data.id, "data_sha256": artifact.hash_files([data.path / TRAIN_FILE])}
 
     def payload(tmp: Path) -> dict:
-        from edgeft.stages.train import _device, _examples
         from transformers import AutoModelForCausalLM
 
-        device = _device(cfg)
+        device = examples.pick_device(cfg.device)
         dist.accelerator(cpu=device.type == "cpu")  # joins the process group when launched by accelerate
         fmt = PromptFormatter(teacher.path)
-        train = _examples(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.max_length)
-        evals = _examples(fmt, read_jsonl(data.path / EVAL_FILE), cfg.max_length)[: cfg.eval_samples]
+        train = examples.encode(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.max_length)
+        evals = examples.encode(fmt, read_jsonl(data.path / EVAL_FILE), cfg.max_length)[: cfg.eval_samples]
         pad = fmt.tokenizer.token_to_id("<unk>") or 0
         torch.manual_seed(cfg.seed)
         load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device)  # noqa: E731

@@ -1,12 +1,12 @@
 """Export stage: an hf artifact -> a gguf artifact with one `model-<type>.gguf` per requested type.
 
-F32/F16/BF16/Q8_0 are written by edgeft.gguf_writer; K-quants and Q4_0 come from llama.cpp's own
+F32/F16/BF16/Q8_0 are written by edgeft.gguf.writer; K-quants and Q4_0 come from llama.cpp's own
 quantizer run on the F16 file, optionally weighted by an importance matrix computed on the fine-tune
-data (edgeft.gguf_imatrix). With `adapter: true` the stage ships the base model's files plus the
-LoRA as `adapter-f32.gguf`, which llama.cpp applies at run time (edgeft.gguf_lora), instead of a
+data (edgeft.gguf.imatrix). With `adapter: true` the stage ships the base model's files plus the
+LoRA as `adapter-f32.gguf`, which llama.cpp applies at run time (edgeft.gguf.lora), instead of a
 merged model; its input is then the train stage's adapter artifact (or a merge of one, whose parent
 is used). Every .gguf gets an Ollama Modelfile beside it. The tokenizer files ride along so the
-device can tokenize. The parity gate (edgeft.gguf_parity) checks every file through llama.cpp
+device can tokenize. The parity gate (edgeft.gguf.parity) checks every file through llama.cpp
 against PyTorch, with the adapter applied when there is one.
 """
 
@@ -20,37 +20,45 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import artifact, gguf_imatrix, gguf_lora, gguf_modelfile, gguf_parity, gguf_writer
+from edgeft import artifact, variants
 from edgeft.artifact import Artifact
-from edgeft.constants import (ADAPTER_DIR, EVAL_FILE, KIND_ADAPTER, KIND_GGUF, KIND_HF,
-                              TOKENIZER_FILES, TRAIN_FILE)
+from edgeft.config import opt
+from edgeft.constants import ADAPTER_DIR, EVAL_FILE, KIND_ADAPTER, KIND_GGUF, KIND_HF, TOKENIZER_FILES, TRAIN_FILE
 from edgeft.errors import StageFailure, UserError
-from edgeft.stages import hf_io
+from edgeft.gguf import imatrix as gguf_imatrix
+from edgeft.gguf import lora as gguf_lora
+from edgeft.gguf import modelfile as gguf_modelfile
+from edgeft.gguf import parity as gguf_parity
+from edgeft.gguf import writer as gguf_writer
+from edgeft.training import hf_io
 
 STAGE = "export_gguf"
-# llama.cpp quantizer targets, by llama_ftype constant name in llama_cpp
-_LLAMA_FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-                 "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
-_NOMINAL = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0",
-            "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}
-VALID_TYPES = gguf_writer.OUT_TYPES + tuple(_LLAMA_FTYPES)
+VALID_TYPES = variants.quants("gguf")
+_LLAMA_QUANTS = tuple(t for t in VALID_TYPES if variants.get("gguf", t).llama_ftype)  # made by llama.cpp's quantizer
 ADAPTER_FILE = "adapter-f32.gguf"  # the LoRA of an adapter export
 IMATRIX_FILE = "imatrix.gguf"  # llama.cpp's imatrix format: also usable with llama-quantize --imatrix
 _IMATRIX_MAX_TOKENS = 512  # per calibration conversation
+
+
+def _bar(quant: str) -> float:
+    return variants.get("gguf", quant).min_top1  # each variant's default parity bar lives in edgeft.variants
 
 
 @dataclass(frozen=True)
 class Config:
     """What export_gguf builds."""
 
-    types: tuple[str, ...] = ("f16", "q8_0", "q4_k_m")  # files to build, one per type (VALID_TYPES)
-    threads: int = 2  # llama.cpp quantizer threads (the gate runs on one: it checks, it does not time)
-    imatrix: bool = False  # weigh q4_0/K-quant rounding by activations on the fine-tune data (chat template)
-    imatrix_samples: int = 256  # training conversations the importance matrix is computed on
-    adapter: bool = False  # ship the base files + adapter-f32.gguf (llama.cpp LoRA) instead of a merged model
-    parity_samples: int = 64  # eval conversations (from the run's data) for tokenization + teacher-forced checks
-    min_top1_q8_0: float = 0.99  # teacher-forced top-1 agreement with torch the q8_0 file must reach
-    min_top1_quant: float = 0.95  # the same for llama.cpp-quantized files (q4_0, K-quants)
+    types: tuple[str, ...] = opt(("f16", "q8_0", "q4_k_m"), "files to build, one per type (f32, f16, bf16, q8_0, "
+                                                            "q6_k, q5_k_m, q4_k_m, q4_0); set by the device profile "
+                                                            "(profile.gguf)")
+    threads: int = opt(2, "llama.cpp quantizer threads (the gate runs on one: it checks, it does not time); set by "
+                          "the device profile (profile.threads)")
+    imatrix: bool = opt(False, "weigh q4_0/K-quant rounding by activations on the fine-tune data (chat template)")
+    imatrix_samples: int = opt(256, "training conversations the importance matrix is computed on")
+    adapter: bool = opt(False, "ship the base files + adapter-f32.gguf (llama.cpp LoRA) instead of a merged model")
+    parity_samples: int = opt(64, "eval conversations (from the run's data) for tokenization + teacher-forced checks")
+    min_top1_q8_0: float = opt(_bar("q8_0"), "teacher-forced top-1 agreement with torch the q8_0 file must reach")
+    min_top1_quant: float = opt(_bar("q4_k_m"), "the same for llama.cpp-quantized files (q4_0, K-quants)")
 
 
 def run(src: Artifact, cfg: Config, out: Path, *, data: Artifact | None = None) -> Artifact:
@@ -62,8 +70,8 @@ def run(src: Artifact, cfg: Config, out: Path, *, data: Artifact | None = None) 
     if adapter_art is None and src.kind != KIND_HF:
         raise UserError(f"{src.path}: artifact kind is '{src.kind}', {STAGE} needs {KIND_HF}; "
                         "pass the output of train or merge (or set export_gguf.adapter=true for an adapter)")
-    if cfg.imatrix and not any(t in _LLAMA_FTYPES for t in types):
-        raise UserError(f"export_gguf.imatrix=true but no type uses it; add one of {', '.join(_LLAMA_FTYPES)}")
+    if cfg.imatrix and not any(t in _LLAMA_QUANTS for t in types):
+        raise UserError(f"export_gguf.imatrix=true but no type uses it; add one of {', '.join(_LLAMA_QUANTS)}")
     data = data if data is not None else _find_data(adapter_art or src)
     if cfg.imatrix:
         if data is None:
@@ -94,8 +102,8 @@ def run(src: Artifact, cfg: Config, out: Path, *, data: Artifact | None = None) 
             if imatrix:
                 metrics["imatrix"] = imatrix[2]
             evals = _eval_conversations(reference, data, cfg.parity_samples) if data is not None else []
-            min_top1 = {t: cfg.min_top1_q8_0 if t == "q8_0" else cfg.min_top1_quant
-                        for t in files if t == "q8_0" or t in _LLAMA_FTYPES}
+            min_top1 = {t: variants.bar(variants.get("gguf", t), cfg) for t in files}
+            min_top1 = {t: v for t, v in min_top1.items() if v is not None}
             metrics["parity"] = gguf_parity.parity_gate(reference, files, tmp, lora, evals, min_top1)
         return metrics
 
@@ -106,9 +114,9 @@ def run(src: Artifact, cfg: Config, out: Path, *, data: Artifact | None = None) 
 
 def gguf_file(art: Artifact, gguf_type: str) -> Path:
     """Path of the `gguf_type` file inside a gguf artifact."""
-    path = art.path / f"model-{gguf_type}.gguf"
+    path = art.path / variants.get("gguf", gguf_type).file
     if not path.is_file():
-        built = sorted(p.stem.removeprefix("model-") for p in art.path.glob("model-*.gguf"))
+        built = sorted((art.metrics.get("files") or {}))
         raise UserError(f"{art.path}: no {gguf_type} GGUF; built: {', '.join(built) or 'none'}")
     return path
 
@@ -136,12 +144,12 @@ def _build_files(hf_dir: Path, types: tuple[str, ...], threads: int, staging: Pa
                  imatrix: tuple | None = None) -> tuple[dict[str, Path], dict]:
     """Write every requested file; the F16 base of llama.cpp's quantizer goes to `tmp` unless requested."""
     files, per_file, n_params = {}, {}, 0
-    base = staging / "model-f16.gguf" if "f16" in types else tmp / "base-f16.gguf"
-    if "f16" not in types and any(t in _LLAMA_FTYPES for t in types):
+    base = staging / variants.get("gguf", "f16").file if "f16" in types else tmp / "base-f16.gguf"
+    if "f16" not in types and any(t in _LLAMA_QUANTS for t in types):
         n_params = gguf_writer.convert(hf_dir, base, "f16", name=hf_dir.name)["n_params"]
-    for t in sorted(types, key=lambda t: t in _LLAMA_FTYPES):  # ours first: the quantizer reads the F16
-        path = staging / f"model-{t}.gguf"
-        if t in gguf_writer.OUT_TYPES:
+    for t in sorted(types, key=lambda t: t in _LLAMA_QUANTS):  # ours first: the quantizer reads the F16
+        path = staging / variants.get("gguf", t).file
+        if t not in _LLAMA_QUANTS:
             info = gguf_writer.convert(hf_dir, path, t, name=hf_dir.name)
             n_params = info["n_params"]
         else:
@@ -164,7 +172,7 @@ def _llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int, imatrix:
         log.setLevel(logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads
-    params.ftype = getattr(llama_cpp, _LLAMA_FTYPES[gguf_type])
+    params.ftype = getattr(llama_cpp, variants.get("gguf", gguf_type).llama_ftype)
     if imatrix is not None:
         arr, _keep = gguf_imatrix.quantize_params_array(imatrix[0], imatrix[1])
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
@@ -182,7 +190,7 @@ def _describe(path: Path, gguf_type: str, info: dict) -> dict:
     other: dict[str, str] = {}
     for t in reader.tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-        if len(t.shape) > 1 and t.tensor_type.name != _NOMINAL[gguf_type]:
+        if len(t.shape) > 1 and t.tensor_type.name != variants.get("gguf", gguf_type).tensor_type:
             other[t.name] = t.tensor_type.name
     return {"file": path.name, "size_bytes": path.stat().st_size, "tensor_types": counts,
             # writer files: why a tensor fell back; llama.cpp files: its per-tensor mix and fallbacks
@@ -209,13 +217,14 @@ def _adapter_models(adapter_art: Artifact, tmp: Path, staging: Path) -> tuple[Pa
     shipped, as merge does; the reference is the merged model, checked by merge's own verification."""
     import torch
 
-    from edgeft.stages import merge
+    from edgeft.stages.merge import Config as MergeConfig
+    from edgeft.training import merging
 
-    train_cfg = adapter_art.manifest["params"]["config"]
-    base_dir = hf_io.resolve_model(adapter_art.manifest["inputs"]["base_model"])
+    train_cfg = adapter_art.params["config"]
+    base_dir = hf_io.resolve_model(adapter_art.inputs["base_model"])
     adapter_dir = adapter_art.path / ADAPTER_DIR
-    merged, checks = merge.merge(base_dir, adapter_dir, train_cfg, merge.Config(dtype="float32"),
-                                 adapter_art.manifest["inputs"].get("base_weights_sha256"))
+    merged, checks = merging.merge(base_dir, adapter_dir, train_cfg, MergeConfig(dtype="float32"),
+                                 adapter_art.inputs.get("base_weights_sha256"))
     reference = tmp / "merged"
     merged.save_pretrained(reference, safe_serialization=True)
     hf_io.copy_tokenizer(adapter_art.path, reference)
@@ -223,7 +232,7 @@ def _adapter_models(adapter_art: Artifact, tmp: Path, staging: Path) -> tuple[Pa
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        merge.load_dequantized(merge.load_nf4(base_dir, train_cfg), base)
+        merging.load_dequantized(merging.load_nf4(base_dir, train_cfg), base)
         model_dir = tmp / "base-dequantized"
         base.save_pretrained(model_dir, safe_serialization=True)
         hf_io.copy_tokenizer(adapter_art.path, model_dir)
@@ -241,7 +250,7 @@ def _find_data(src: Artifact) -> Artifact | None:
 
 def _eval_conversations(model_dir: Path, data: Artifact, n: int) -> list[dict]:
     """Up to `n` eval conversations: the prompt text and ids, and the ids with the reference answer."""
-    from edgeft.data import read_jsonl
+    from edgeft.records import read_jsonl
     from edgeft.runtime.prompt import PromptFormatter
 
     fmt = PromptFormatter(model_dir)
@@ -260,7 +269,7 @@ def _eval_conversations(model_dir: Path, data: Artifact, n: int) -> list[dict]:
 
 def _imatrix(model_dir: Path, data: Artifact, n: int, staging: Path) -> tuple:
     """(sums, counts, info): the importance matrix of `model_dir` on `n` chat-rendered training records."""
-    from edgeft.data import read_jsonl
+    from edgeft.records import read_jsonl
     from edgeft.runtime.prompt import PromptFormatter
 
     fmt = PromptFormatter(model_dir)

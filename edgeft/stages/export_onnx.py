@@ -7,11 +7,11 @@ Two routes (`route`):
   `edgeft.runtime.onnx.OnnxRuntime`. optimum's own fp16 export left most gemma weights fp32.
 - `genai` (fast): the onnxruntime-genai model builder (fused QKV and gate/up, GroupQueryAttention,
   MatMulNBits) run as a pinned converter in its own venv (`make genai-env`; it needs transformers
-  5); runs under `edgeft.runtime.onnx_genai.GenaiRuntime`. See `edgeft.stages.onnx_genai`.
+  5); runs under `edgeft.runtime.onnx_genai.GenaiRuntime`. See `edgeft.onnx.genai`.
 
 Every type dir holds the model (external data past the 2 GB protobuf limit), config.json and the
 hf artifact's own tokenizer files. Each model passes onnx.checker (by path) and opens in
-onnxruntime, then the parity gate (`edgeft.stages.onnx_parity`): tokenizer ids equal to the HF
+onnxruntime, then the parity gate (`edgeft.onnx.parity`): tokenizer ids equal to the HF
 tokenizer; fp32 greedy equal to torch on every prompt (all eval prompts of the fine-tune data
 found through the lineage, plus fixed texts); teacher-forced top-1 agreement >= the type's minimum,
 with KL divergence recorded. A failed check fails the export with a diagnosis.
@@ -27,18 +27,21 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import artifact
+from edgeft import artifact, variants
 from edgeft.artifact import Artifact
+from edgeft.config import opt
 from edgeft.constants import EVAL_FILE, KIND_HF, KIND_ONNX, TOKENIZER_FILES
-from edgeft.data import read_jsonl
 from edgeft.errors import StageFailure, UserError
+from edgeft.onnx import genai as onnx_genai
+from edgeft.onnx import parity as onnx_parity
+from edgeft.onnx import quant as Q
+from edgeft.records import read_jsonl
 from edgeft.runtime.onnx import CONFIG_FILE, MODEL_FILE, OnnxRuntime
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import hf_io, onnx_genai, onnx_parity
-from edgeft.stages import onnx_quant as Q
+from edgeft.training import hf_io
 
 STAGE = "export_onnx"
-VALID_TYPES = ("fp32", "fp16", "int8", "int4")  # also the order they are produced in
+VALID_TYPES = variants.quants("onnx")  # fp32, fp16, int8, int4: also the order they are produced in
 ROUTES = ("optimum", "genai")
 # model_type values whose optimum-onnx text-generation export was checked with OnnxRuntime
 # (greedy tokens equal to PyTorch, max|logit diff| <= 5e-5, tiny random configs, optimum-onnx 0.1.0)
@@ -48,23 +51,32 @@ _PROTOBUF_LIMIT = 2 << 30  # bytes: larger graphs must keep their weights in ext
 _INT4_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits needs a power of two >= 16
 
 
+def _bar(quant: str) -> float:
+    return variants.get("onnx", quant).min_top1  # each variant's default parity bar lives in edgeft.variants
+
+
 @dataclass(frozen=True)
 class Config:
-    types: tuple[str, ...] = ("fp32", "int8")  # subdirs to write, from VALID_TYPES
-    route: str = "optimum"  # optimum (broad: SUPPORTED_ARCHS) | genai (builder: fused, GQA; GENAI_ARCHS)
-    int8_per_channel: bool = True  # scale per output column: top-1 0.86 vs 0.85 per-tensor (tiny model)
-    int8_reduce_range: bool = True  # 7-bit weights: without VNNI (AVX2) 8-bit u8s8 saturates, top-1 0.78
-    int4_algo: str = "rtn"  # rtn (round to nearest) | hqq (half-quadratic, asymmetric; optimum route)
-    int4_block_size: int = 32  # weights per MatMulNBits scale; K not a multiple is zero-padded
-    int4_symmetric: bool = True  # no zero points: smaller; rtn only (hqq is always asymmetric)
-    int4_accuracy_level: int = 4  # 4 = int8 activations on CPU (fastest); 0 = fp32 activations
-    int4_embeddings: bool = True  # the token embedding too (GatherBlockQuantized, RTN), as llama.cpp's K-quants do
-    parity_new_tokens: int = 16  # greedy tokens compared per parity prompt
-    parity_max_prompts: int = 0  # eval prompts checked for greedy/tokenizer parity (0 = all)
-    parity_tf_prompts: int = 256  # prompts with teacher-forced logits kept (0 = all): prompts x len x vocab floats
-    min_top1_fp16: float = 0.99  # teacher-forced top-1 agreement with torch below which export fails (demo: 0.999)
-    min_top1_int8: float = 0.99  # the bar on the embedded default
-    min_top1_int4: float = 0.95  # the bar on the embedded default
+    types: tuple[str, ...] = opt(("fp32", "int8"), "subdirs to write, from fp32, fp16, int8, int4; set by the device "
+                                                   "profile (profile.onnx)")
+    route: str = opt("optimum", "optimum (broad: SUPPORTED_ARCHS) | genai (builder: fused, GQA; GENAI_ARCHS); set by "
+                                "the device profile (profile.onnx_route)")
+    int8_per_channel: bool = opt(True, "scale per output column: top-1 0.86 vs 0.85 per-tensor (tiny model)")
+    int8_reduce_range: bool = opt(True, "7-bit weights: without VNNI (AVX2) 8-bit u8s8 saturates, top-1 0.78")
+    int4_algo: str = opt("rtn", "rtn (round to nearest) | hqq (half-quadratic, asymmetric; optimum route)")
+    int4_block_size: int = opt(32, "weights per MatMulNBits scale; K not a multiple is zero-padded")
+    int4_symmetric: bool = opt(True, "no zero points: smaller; rtn only (hqq is always asymmetric)")
+    int4_accuracy_level: int = opt(4, "4 = int8 activations on CPU (fastest); 0 = fp32 activations")
+    int4_embeddings: bool = opt(True, "the token embedding too (GatherBlockQuantized, RTN), as llama.cpp's K-quants do")
+    parity_new_tokens: int = opt(16, "greedy tokens compared per parity prompt")
+    parity_max_prompts: int = opt(0, "eval prompts checked for greedy/tokenizer parity (0 = all)")
+    parity_tf_prompts: int = opt(256, "prompts with teacher-forced logits kept (0 = all): prompts x len x vocab floats")
+    min_top1_fp16: float = opt(_bar("fp16"), "teacher-forced top-1 agreement with torch below which export fails "
+                                              "(demo: 0.999)")
+    min_top1_int8: float = opt(_bar("int8"), "teacher-forced top-1 agreement with torch the int8 model must reach, "
+                                              "else export fails")
+    min_top1_int4: float = opt(_bar("int4"), "teacher-forced top-1 agreement with torch the int4 model must reach, "
+                                              "else export fails")
 
 
 def run(src: Artifact, cfg: Config, out: Path, *, data: Artifact | None = None) -> Artifact:
@@ -180,7 +192,7 @@ def _export_all(hf_dir: Path, cfg: Config, types: tuple[str, ...], staging: Path
         Q.check_graph(out)
         per_type[t] = {"size_bytes": Q.model_bytes(out), "export_s": round(seconds, 3),
                        **({"quant": extra} if extra else {}),
-                       **_gate(out, refs, t, cfg, getattr(cfg, f"min_top1_{t}"))}
+                       **_gate(out, refs, t, cfg, variants.bar(variants.get("onnx", t), cfg))}
     n_tf = [r for r in refs if r.logits is not None]
     metrics = {"route": route_info, "types": per_type, "parity_prompts": len(refs),
                "parity_eval_prompts": sum(p.label.startswith("eval:") for p in prompts),

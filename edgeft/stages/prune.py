@@ -11,7 +11,7 @@ tokens excluded (Minitron, arXiv 2407.14679; block influence from ShortGPT, arXi
 Every block keeps the same sizes (a config has one intermediate_size and one head count). Dense runtimes run
 the result faster simply because it is a smaller model.
 
-Unstructured sparsity (`sparsity` > 0, after any structured pruning; edgeft.stages.sparsity) zeroes weights
+Unstructured sparsity (`sparsity` > 0, after any structured pruning; edgeft.training.sparsity) zeroes weights
 by magnitude or Wanda. The model stays dense: same bytes, same speed in llama.cpp and onnxruntime; the
 manifest and the bench report say so.
 """
@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 
 from edgeft import artifact
+from edgeft.config import opt
 from edgeft.constants import EVAL_FILE, KIND_DATA, KIND_HF, PRUNE_PLAN_FILE, TRAIN_FILE
-from edgeft.data import IGNORE_INDEX, read_jsonl
 from edgeft.errors import UserError
+from edgeft.records import IGNORE_INDEX, read_jsonl
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import hf_io, loop, sparsity
+from edgeft.shapes import head_dim, kv_heads
+from edgeft.training import examples, hf_io, loop, sparsity
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm + GQA attention + gated MLP, same tensor names
 AXES = ("depth", "mlp", "heads", "hidden")
@@ -52,22 +54,22 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 @dataclass(frozen=True)
 class Config:
-    ratio: float = 0.0  # share of parameters to remove, 0..0.9; 0 with no explicit size = stage off
-    layers: int = 0  # decoder blocks to keep (0 = all, or chosen by ratio)
-    intermediate_size: int = 0  # MLP channels per block (0 = keep, or chosen by ratio)
-    kv_groups: int = 0  # KV heads kept per block, each with its query heads (0 = keep, or chosen by ratio)
-    hidden_size: int = 0  # residual width (0 = keep); under 256 llama.cpp's K-quants fall back to other types
-    axes: str = "depth,mlp,heads"  # what the ratio search may shrink: depth, mlp, heads, hidden
-    multiple: int = 256  # intermediate/hidden step: K-quant rows need 256, Q8_0 and MatMulNBits 32
-    candidates: int = 6  # ratio search: architectures nearest the target, scored by calibration loss
-    tolerance: float = 0.05  # ratio search: a candidate may keep this share of the original params above target
-    calib_samples: int = 128  # calibration examples from the train split
-    max_length: int = 256  # tokens per calibration example
-    batch_size: int = 8  # calibration examples per forward pass
-    dtype: str = "float16"  # saved weights: float16 | bfloat16 | float32
-    seed: int = 0  # calibration sample choice
-    sparsity: float = 0.0  # unstructured: share of each block projection row zeroed (0 = off); no speed-up
-    sparsity_method: str = "wanda"  # wanda (|W| x input-channel norm) | magnitude (|W|)
+    ratio: float = opt(0.0, "share of parameters to remove, 0..0.9; 0 with no explicit size = stage off")
+    layers: int = opt(0, "decoder blocks to keep (0 = all, or chosen by ratio)")
+    intermediate_size: int = opt(0, "MLP channels per block (0 = keep, or chosen by ratio)")
+    kv_groups: int = opt(0, "KV heads kept per block, each with its query heads (0 = keep, or chosen by ratio)")
+    hidden_size: int = opt(0, "residual width (0 = keep); under 256 llama.cpp's K-quants fall back to other types")
+    axes: str = opt("depth,mlp,heads", "what the ratio search may shrink: depth, mlp, heads, hidden")
+    multiple: int = opt(256, "intermediate/hidden step: K-quant rows need 256, Q8_0 and MatMulNBits 32")
+    candidates: int = opt(6, "ratio search: architectures nearest the target, scored by calibration loss")
+    tolerance: float = opt(0.05, "ratio search: a candidate may keep this share of the original params above target")
+    calib_samples: int = opt(128, "calibration examples from the train split")
+    max_length: int = opt(256, "tokens per calibration example")
+    batch_size: int = opt(8, "calibration examples per forward pass")
+    dtype: str = opt("float16", "saved weights: float16 | bfloat16 | float32")
+    seed: int = opt(0, "calibration sample choice")
+    sparsity: float = opt(0.0, "unstructured: share of each block projection row zeroed (0 = off); no speed-up")
+    sparsity_method: str = opt("wanda", "wanda (|W| x input-channel norm) | magnitude (|W|)")
 
 
 def enabled(cfg: Config) -> bool:
@@ -109,9 +111,9 @@ def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifa
 
         model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32).eval()
         fmt = PromptFormatter(src.path)
-        calib = calibration_examples(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.calib_samples,
+        calib = examples.calibration(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.calib_samples,
                                      cfg.max_length, cfg.seed)
-        evals = calibration_examples(fmt, read_jsonl(data.path / EVAL_FILE), cfg.calib_samples,
+        evals = examples.calibration(fmt, read_jsonl(data.path / EVAL_FILE), cfg.calib_samples,
                                      cfg.max_length, cfg.seed)
         pad = fmt.tokenizer.token_to_id("<unk>") or 0
         imp = importance(model, calib, pad, cfg.batch_size)
@@ -144,18 +146,6 @@ def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifa
                           inputs=inputs)
 
 
-def calibration_examples(fmt: PromptFormatter, records: list[dict], n: int, max_length: int,
-                         seed: int) -> list[tuple[list, list]]:
-    """Up to `n` (ids, labels) examples, chat template applied, chosen by a seeded shuffle."""
-    import random
-
-    from edgeft.stages.train import _examples
-
-    records = list(records)
-    random.Random(seed).shuffle(records)
-    return _examples(fmt, records[: n * 2], max_length)[:n]  # *2: some records may carry no answer tokens
-
-
 def n_params(model) -> int:
     """Parameter count, a tied embedding counted once."""
     return sum(p.numel() for p in model.parameters())
@@ -165,7 +155,7 @@ def current_sizes(model) -> dict:
     """The sizes pruning changes, read from a model's config."""
     c = model.config
     return {"layers": c.num_hidden_layers, "intermediate_size": c.intermediate_size,
-            "kv_groups": c.num_key_value_heads or c.num_attention_heads, "hidden_size": c.hidden_size}
+            "kv_groups": kv_heads(c), "hidden_size": c.hidden_size}
 
 
 @torch.no_grad()
@@ -175,7 +165,7 @@ def importance(model, examples: list, pad_id: int, batch_size: int) -> dict:
     if c.model_type not in SUPPORTED:
         raise UserError(f"prune: model_type '{c.model_type}' is not supported; supported: {', '.join(SUPPORTED)}")
     layers = model.model.layers
-    nq, d = c.num_attention_heads, _head_dim(c)
+    nq, d = c.num_attention_heads, head_dim(c)
     acc = {"block": torch.zeros(len(layers), dtype=torch.float64),
            "ffn": torch.zeros(len(layers), c.intermediate_size, dtype=torch.float64),
            "qh": torch.zeros(len(layers), nq, dtype=torch.float64),
@@ -220,7 +210,7 @@ def importance(model, examples: list, pad_id: int, batch_size: int) -> dict:
         for h in handles:
             h.remove()
     out = {k: v / max(tokens, 1) for k, v in acc.items()}
-    per_group = nq // (c.num_key_value_heads or nq)
+    per_group = nq // kv_heads(c)
     out["kv"] = out["qh"].view(len(layers), -1, per_group).sum(-1)  # a KV group = its query heads
     return out
 
@@ -260,8 +250,8 @@ def choose_sizes(model, imp: dict, calib: list, pad_id: int, cfg: Config) -> tup
 
 def count_params(shapes: dict, config, sizes: dict) -> int:
     """Parameter count of the pruned model, from the original tensor shapes and the target sizes."""
-    per_group = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)
-    d = _head_dim(config)
+    per_group = config.num_attention_heads // kv_heads(config)
+    d = head_dim(config)
     dims = {"hid": sizes["hidden_size"], "ffn": sizes["intermediate_size"], "kv": sizes["kv_groups"] * d,
             "qh": sizes["kv_groups"] * per_group * d}
     total, tied = 0, getattr(config, "tie_word_embeddings", False)
@@ -290,7 +280,7 @@ def prune_model(model, plan: dict):
     from transformers import AutoModelForCausalLM
 
     c = model.config
-    d, per_group = _head_dim(c), c.num_attention_heads // (c.num_key_value_heads or c.num_attention_heads)
+    d, per_group = head_dim(c), c.num_attention_heads // kv_heads(c)
     new_cfg = c.__class__.from_dict(c.to_dict())
     g = len(next(iter(plan["kv"].values())))
     new_cfg.num_hidden_layers, new_cfg.hidden_size = len(plan["layers"]), len(plan["hid"])
@@ -341,10 +331,6 @@ def _roles(name: str, config) -> tuple:
             return roles
     raise UserError(f"prune: tensor '{name}' of model_type '{config.model_type}' has no pruning rule; "
                     f"supported: {', '.join(SUPPORTED)}")
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _axes(cfg: Config) -> list[str]:

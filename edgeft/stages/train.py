@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from edgeft import artifact, host
+from edgeft.config import opt
 from edgeft.constants import ADAPTER_DIR, EVAL_FILE, KIND_ADAPTER, KIND_DATA, KIND_HF, TRAIN_FILE
-from edgeft.data import IGNORE_INDEX, chunk_text, encode_example, read_jsonl
 from edgeft.errors import UserError
+from edgeft.records import read_jsonl
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import checkpoint, dist, hf_io, loop, nf4
+from edgeft.training import checkpoint, dist, examples, hf_io, loop, nf4
 
 METHODS = ("qlora", "lora", "full", "freeze")
 OPTIMS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
@@ -29,38 +30,38 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class Config:
-    method: str = "qlora"  # qlora | lora | full | freeze
-    epochs: float = 3.0  # passes over the train split; ignored when max_steps > 0
-    max_steps: int = 0  # optimizer steps; 0 = derive from epochs
-    batch_size: int = 8  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-4  # peak learning rate (linear warm-up, cosine decay)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03  # share of steps spent warming up
-    max_length: int = 256  # tokens per example; longer ones are truncated
-    seed: int = 0
-    lora_r: int = 16  # adapter rank
-    lora_alpha: int = 32  # adapter scale numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)
-    lora_dropout: float = 0.0
-    target_modules: str = "all-linear"  # 'all-linear' or comma-separated module names (q_proj,v_proj)
-    use_dora: bool = False  # weight-decomposed LoRA
-    use_rslora: bool = False  # rank-stabilised scaling
-    freeze_last_n: int = 2  # freeze method: train only the last N decoder blocks (+ final norm, head)
-    freeze_pattern: str = ""  # freeze method: regex of parameter names to train (overrides last_n)
-    quant_type: str = "nf4"  # qlora: nf4 | fp4
-    double_quant: bool = True  # qlora: quantize the quantization constants too (~0.4 bit/param saved)
-    compute_dtype: str = "float32"  # qlora compute dtype: float32 | bfloat16 | float16 (float16 needs CUDA)
-    optim: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (the last three need CUDA)
-    gradient_checkpointing: bool = False  # recompute activations: less memory, ~20% slower
-    device: str = "auto"  # auto | cpu | cuda
-    eval_samples: int = 64  # eval-loss examples from the eval split (0 = skip)
-    eval_every: int = 0  # steps between eval-loss points (0 = once, at the end)
-    early_stop_patience: int = 0  # stop after this many evals without a new best (0 = never; needs eval_every)
-    early_stop_min_delta: float = 0.0  # eval-loss gain (nats) below which an eval is no improvement
-    restore_best: bool = True  # with eval_every: end with the weights of the best eval loss
-    packing: bool = False  # pack examples into rows of max_length tokens (no attention across them)
-    save_every: int = 0  # steps between checkpoints beside the output (0 = none); a rerun resumes
-    log_every: int = 10  # steps between loss-curve points
+    method: str = opt("qlora", "qlora | lora | full | freeze")
+    epochs: float = opt(3.0, "passes over the train split; ignored when max_steps > 0")
+    max_steps: int = opt(0, "optimizer steps; 0 = derive from epochs")
+    batch_size: int = opt(8, "examples per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(2e-4, "peak learning rate (linear warm-up, cosine decay)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (decoupled, on the trained parameters)")
+    warmup_ratio: float = opt(0.03, "share of steps spent warming up")
+    max_length: int = opt(256, "tokens per example; longer ones are truncated")
+    seed: int = opt(0, "seed for adapter init, dropout and the batch order")
+    lora_r: int = opt(16, "adapter rank")
+    lora_alpha: int = opt(32, "adapter scale numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)")
+    lora_dropout: float = opt(0.0, "dropout on the input of the LoRA branch (lora, qlora)")
+    target_modules: str = opt("all-linear", "'all-linear' or comma-separated module names (q_proj,v_proj)")
+    use_dora: bool = opt(False, "weight-decomposed LoRA")
+    use_rslora: bool = opt(False, "rank-stabilised scaling")
+    freeze_last_n: int = opt(2, "freeze method: train only the last N decoder blocks (+ final norm, head)")
+    freeze_pattern: str = opt("", "freeze method: regex of parameter names to train (overrides last_n)")
+    quant_type: str = opt("nf4", "qlora: nf4 | fp4")
+    double_quant: bool = opt(True, "qlora: quantize the quantization constants too (~0.4 bit/param saved)")
+    compute_dtype: str = opt("float32", "qlora compute dtype: float32 | bfloat16 | float16 (float16 needs CUDA)")
+    optim: str = opt("adamw", "adamw | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (the last three need CUDA)")
+    gradient_checkpointing: bool = opt(False, "recompute activations: less memory, ~20% slower")
+    device: str = opt("auto", "auto | cpu | cuda")
+    eval_samples: int = opt(64, "eval-loss examples from the eval split (0 = skip)")
+    eval_every: int = opt(0, "steps between eval-loss points (0 = once, at the end)")
+    early_stop_patience: int = opt(0, "stop after this many evals without a new best (0 = never; needs eval_every)")
+    early_stop_min_delta: float = opt(0.0, "eval-loss gain (nats) below which an eval is no improvement")
+    restore_best: bool = opt(True, "with eval_every: end with the weights of the best eval loss")
+    packing: bool = opt(False, "pack examples into rows of max_length tokens (no attention across them)")
+    save_every: int = opt(0, "steps between checkpoints beside the output (0 = none); a rerun resumes")
+    log_every: int = opt(10, "steps between loss-curve points")
 
 
 def run(src, cfg: Config, out: Path, *, data: artifact.Artifact, trust_remote_code: bool = False) -> artifact.Artifact:
@@ -68,7 +69,7 @@ def run(src, cfg: Config, out: Path, *, data: artifact.Artifact, trust_remote_co
     validate(cfg)
     data = artifact.load(data.path, kind=KIND_DATA)
     model_dir = hf_io.resolve_model(src, trust_remote_code)
-    device = _device(cfg)
+    device = examples.pick_device(cfg.device)
     dist.accelerator(cpu=device.type == "cpu")  # joins the process group when launched by accelerate
     parent = src if isinstance(src, artifact.Artifact) else None
     inputs = {"base_model": str(src.path if parent else src), "data_id": data.id,
@@ -86,8 +87,8 @@ def run(src, cfg: Config, out: Path, *, data: artifact.Artifact, trust_remote_co
 
     def payload(tmp: Path) -> dict:
         fmt = PromptFormatter(model_dir)
-        train = _examples(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.max_length)
-        evals = _examples(fmt, read_jsonl(data.path / EVAL_FILE), cfg.max_length)[: cfg.eval_samples]
+        train = examples.encode(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.max_length)
+        evals = examples.encode(fmt, read_jsonl(data.path / EVAL_FILE), cfg.max_length)[: cfg.eval_samples]
         loop.seed_everything(cfg.seed)  # adapter init and anything else drawn before the loop
         model, numerics = _load_model(model_dir, cfg, device, trust_remote_code)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -144,24 +145,6 @@ def validate(cfg: Config) -> None:
         raise UserError("train.compute_dtype=float16 needs CUDA; use float32 or bfloat16 on CPU")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-
-
-def _device(cfg: Config) -> torch.device:
-    if cfg.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-def _examples(fmt: PromptFormatter, records: list[dict], max_length: int) -> list[tuple[list, list]]:
-    out = []
-    for rec in records:
-        if "text" in rec:
-            out += chunk_text(fmt, rec["text"], max_length)
-        else:
-            ids, labels = encode_example(fmt, rec, max_length)
-            if any(x != IGNORE_INDEX for x in labels[1:]):
-                out.append((ids, labels))
-    return out
 
 
 def _load_model(model_dir: Path, cfg: Config, device: torch.device, trust_remote_code: bool = False):

@@ -30,7 +30,7 @@ def test_runtime_and_bench_import_without_torch():
 
 @pytest.fixture(scope="module")
 def gguf_files(tiny_llama_dir, tmp_path_factory) -> Path:
-    from edgeft import gguf_writer
+    from edgeft.gguf import writer as gguf_writer
 
     out = tmp_path_factory.mktemp("dev")
     for t in ("f32", "f16"):

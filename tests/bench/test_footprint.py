@@ -20,7 +20,7 @@ def _torch_params(model_dir) -> int:
 
 
 def test_torch_and_gguf_agree_with_hand_counts(tiny_llama_dir, tmp_path):
-    from edgeft import gguf_writer
+    from edgeft.gguf import writer as gguf_writer
 
     params = _torch_params(tiny_llama_dir)
     cfg = json.loads((tiny_llama_dir / "config.json").read_text())

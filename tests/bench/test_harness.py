@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edgeft.bench.harness import Config, Variant, build_samples, run_bench
+from edgeft.bench.harness import Config, Target, build_samples, run_bench
 from edgeft.constants import REPORT_FIELDS
-from edgeft.data import load_records
+from edgeft.records import load_records
 
 HELDOUT = ("Check the drive belt tension every month and replace a worn belt.\n"
            "The controller shows the discharge pressure in bar.\n")
@@ -22,13 +22,13 @@ def test_samples_hold_timing_lengths_and_perplexity_windows(tiny_llama_dir, tiny
 
 @pytest.mark.slow  # torch + llama.cpp worker processes: ~20 s idle, ~50 s on a busy 2-core box
 def test_gguf_f32_matches_torch_reference(tiny_llama_dir, tiny_qa_jsonl, tmp_path):
-    from edgeft import gguf_writer
+    from edgeft.gguf import writer as gguf_writer
 
     gguf_writer.convert(tiny_llama_dir, tmp_path / "m-f32.gguf", "f32")
     cfg = Config(max_samples=3, max_new_tokens=8, n_ctx=128, repeats=2, decode_tokens=8, ppl_tokens=64,
                  kv_cache_type="f32")
-    variants = [Variant("tuned", "torch", "fp32", str(tiny_llama_dir)),
-                Variant("gguf-f32", "gguf", "f32", str(tmp_path / "m-f32.gguf"))]
+    variants = [Target("tuned", "torch", "fp32", str(tiny_llama_dir)),
+                Target("gguf-f32", "gguf", "f32", str(tmp_path / "m-f32.gguf"))]
     recs = run_bench(variants, load_records(tiny_qa_jsonl), tiny_llama_dir, cfg, tmp_path / "work", HELDOUT)
     ref, g = recs
     for r in recs:

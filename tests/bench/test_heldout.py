@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from edgeft import data
 from edgeft.constants import MANUAL_FILE, MANUAL_HELDOUT_FILE
 from edgeft.errors import UserError
+from edgeft.stages import data
 
 QA = [{"messages": [{"role": "user", "content": "How do I pair the remote?"},
                     {"role": "assistant", "content": "Point it at the sensor and hold the two buttons for 3 seconds."}]}]

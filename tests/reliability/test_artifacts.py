@@ -117,7 +117,7 @@ def test_pickle_only_checkpoint_is_refused(cli, tmp_path, tiny_llama_dir, tiny_q
 
 def test_truncated_gguf_fails_cleanly_in_the_runtime(tmp_path, tiny_llama_dir):
     """llama.cpp can abort the process on a broken file: the runtime refuses it before llama.cpp sees it."""
-    from edgeft import gguf_writer
+    from edgeft.gguf import writer as gguf_writer
 
     path = tmp_path / "m.gguf"
     gguf_writer.convert(tiny_llama_dir, path, "f32")
@@ -215,7 +215,8 @@ def test_bundle_manifest_entry_escaping_the_bundle(tmp_path):
 
 def test_a_variant_that_will_not_fit_is_refused_before_building(tmp_path, tiny_llama_dir):
     """Pre-flight: weights + KV cache + runtime overhead over the profile's budget ends in one line, exit 2."""
-    from edgeft import preflight, profile
+    from edgeft import profile
+    from edgeft.bundle import preflight
 
     prof = profile.load("tiny", {"memory_budget_gb": "0.0001", "runtime_overhead_gb": "0"})
     with pytest.raises(UserError) as e:

@@ -8,15 +8,16 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-from test_ask import _bundle, device
+import tomllib
 
 from edgeft import artifact
-from edgeft.constants import BUNDLE_FILE, MANIFEST_NAME, SIGNATURE_FILE
+from edgeft.constants import BUNDLE_FILE, MANIFEST_NAME
 from edgeft.errors import UserError
+
+from test_ask import _bundle, device
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -175,7 +176,7 @@ def test_what_is_verified_is_what_is_used(copy):
 
 
 def test_modelfile_template_cannot_add_lines(tmp_path, tiny_llama_dir):
-    from edgeft import gguf_modelfile
+    from edgeft.gguf import modelfile as gguf_modelfile
 
     tok = tmp_path / "tok"
     shutil.copytree(tiny_llama_dir, tok)

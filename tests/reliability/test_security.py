@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgeft.errors import UserError
-from edgeft.stages import hf_io
+from edgeft.training import hf_io
 
 PKG = Path(__file__).resolve().parents[2] / "edgeft"
 SOURCES = sorted(PKG.rglob("*.py"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeft import gguf_writer
+from edgeft.gguf import writer as gguf_writer
 from edgeft.runtime.gguf import GGUFRuntime
 
 PROMPTS = ("Check the torque", "Fault code E-1024 means", "Replace the filter every", "The pump")
@@ -173,9 +173,9 @@ def test_runtime_imports_neither_torch_nor_transformers():
 
 
 def test_latency_contract_counts_forwards(files, monkeypatch):
-    from conftest import assert_forward_accounting, slowed
-
     from edgeft.runtime import gguf as rt_mod
+
+    from conftest import assert_forward_accounting, slowed
 
     with GGUFRuntime(files["f32"], n_threads=1) as rt:
         monkeypatch.setattr(rt_mod.llama_cpp, "llama_decode", slowed(rt_mod.llama_cpp.llama_decode))
@@ -183,9 +183,9 @@ def test_latency_contract_counts_forwards(files, monkeypatch):
 
 
 def test_hf_runtime_latency_contract_counts_forwards(tiny_llama_dir):
-    from conftest import assert_forward_accounting, slowed
-
     from edgeft.runtime.hf import HFRuntime
+
+    from conftest import assert_forward_accounting, slowed
 
     rt = HFRuntime(tiny_llama_dir, n_threads=1)
     rt.model.forward = slowed(rt.model.forward)

@@ -32,7 +32,7 @@ def test_smoke_names_sigill_with_the_fix(monkeypatch, sigill_python):
 
 
 def test_parity_gate_names_sigill(monkeypatch, sigill_python, tmp_path):
-    from edgeft import gguf_parity
+    from edgeft.gguf import parity as gguf_parity
 
     monkeypatch.setattr(gguf_parity.sys, "executable", sigill_python)
     with pytest.raises(StageFailure, match="SIGILL.*make setup"):
@@ -41,11 +41,11 @@ def test_parity_gate_names_sigill(monkeypatch, sigill_python, tmp_path):
 
 def test_bench_worker_names_sigill(monkeypatch, sigill_python, tmp_path, tiny_llama_dir, tiny_qa_jsonl):
     from edgeft.bench import harness
-    from edgeft.data import load_records
+    from edgeft.records import load_records
 
     monkeypatch.setattr(harness.sys, "executable", sigill_python)
     cfg = harness.Config(max_samples=2, max_new_tokens=4, n_ctx=64, repeats=1, decode_tokens=4, ppl_tokens=0)
-    v = harness.Variant("gguf-f16", "gguf", "f16", str(tmp_path / "m.gguf"))
+    v = harness.Target("gguf-f16", "gguf", "f16", str(tmp_path / "m.gguf"))
     with pytest.raises(StageFailure, match="gguf-f16.*SIGILL"):
         harness.run_bench([v], load_records(tiny_qa_jsonl), tiny_llama_dir, cfg, tmp_path / "work")
 

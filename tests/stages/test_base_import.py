@@ -5,12 +5,12 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from edgeft import artifact, gguf_writer
+from edgeft import artifact
 from edgeft.errors import UserError
+from edgeft.gguf import writer as gguf_writer
 from edgeft.stages import base_import
 
 TEXTS = ["Torque for bolt M8 is 25 Nm since 2024-01-05.", "  two spaces,\n\nnewlines\tand a tab",

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgeft import artifact, data
-from edgeft.data import IGNORE_INDEX
+from edgeft import artifact, records
 from edgeft.errors import UserError
-from edgeft.stages import distill, prune
+from edgeft.records import IGNORE_INDEX
+from edgeft.stages import data, distill, prune
 
 
 def _softmax(xs, t):
@@ -102,12 +102,12 @@ def test_cached_top_k_teacher_matches_live_and_trains(arts, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from edgeft.runtime.prompt import PromptFormatter
-    from edgeft.stages import loop
-    from edgeft.stages.train import _examples
+    from edgeft.training import loop
+    from edgeft.training.examples import encode as _examples
 
     d, teacher, student = arts
     model = AutoModelForCausalLM.from_pretrained(teacher.path, dtype=torch.float32).eval()
-    exs = _examples(PromptFormatter(teacher.path), data.read_jsonl(d.path / "train.jsonl"), 64)[:6]
+    exs = _examples(PromptFormatter(teacher.path), records.read_jsonl(d.path / "train.jsonl"), 64)[:6]
     cfg = distill.Config(top_k=8, cache=True, batch_size=4)
     cached = distill.CachedTeacher.build(model, exs, cfg, 0, torch.device("cpu"), tmp_path)
     batch = loop.collate(exs[3:6], 0, torch.device("cpu"))  # rows in another order and padding than cached
@@ -125,6 +125,7 @@ def test_a_student_with_another_tokenizer_is_refused(arts, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from edgeft.demo.tokenizer import train_tokenizer
+
     from conftest import tiny_corpus
 
     d, teacher, _ = arts

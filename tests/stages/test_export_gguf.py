@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeft import artifact, gguf_parity, gguf_writer
+from edgeft import artifact
 from edgeft.constants import KIND_GGUF, MANIFEST_NAME, TMP_PREFIX
 from edgeft.errors import StageFailure, UserError
+from edgeft.gguf import parity as gguf_parity
+from edgeft.gguf import writer as gguf_writer
 from edgeft.stages import export_gguf
 
 
@@ -121,10 +123,11 @@ def test_adapter_export_ships_base_plus_lora_and_gates_it_against_the_merge(tiny
     from gguf import GGUFReader
 
     from edgeft.constants import ADAPTER_DIR
-    from test_gguf_lora import _make_adapter
+
+    from conftest import make_adapter
 
     def payload(d: Path) -> dict:
-        _make_adapter(tiny_llama_dir, d / ADAPTER_DIR)
+        make_adapter(tiny_llama_dir, d / ADAPTER_DIR)
         for f in tiny_llama_dir.iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                 shutil.copy2(f, d / f.name)

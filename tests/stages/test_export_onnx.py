@@ -12,9 +12,9 @@ import pytest
 from edgeft import artifact
 from edgeft.artifact import Artifact
 from edgeft.errors import StageFailure, UserError
+from edgeft.onnx import parity as onnx_parity
 from edgeft.runtime.onnx import MODEL_FILE, OnnxRuntime
 from edgeft.stages import export_onnx as ex
-from edgeft.stages import onnx_parity
 
 # random weights give flat logits (top-1 agreement int8 ~0.85, int4 ~0.5): the gates' minimums are
 # tested on their own below, the export fixtures switch them off
@@ -311,7 +311,7 @@ def test_derived_types_only_with_external_data(hf, monkeypatch):
 
 
 def test_check_graph_rejects_corrupt_and_unopenable_models(exported, tmp_path):
-    from edgeft.stages import onnx_quant
+    from edgeft.onnx import quant as onnx_quant
 
     onnx_quant.check_graph(exported.path / "int4")  # checker by path + an onnxruntime session
     bad = tmp_path / "bad"
@@ -380,23 +380,3 @@ def test_fp16_keeps_norms_fp32_when_the_residual_stream_overflows_fp16_squares(t
     assert np.isfinite(half).all()
     assert float((half.argmax(-1) == ref.argmax(-1)).mean()) >= 0.95  # 0.16 before norms stayed fp32
     assert art.metrics["types"]["fp16"]["top1_agreement"] >= 0.95
-
-
-def test_drop_cast_round_trips_rewires_to_the_fp32_value():
-    from onnx import TensorProto, helper
-
-    from edgeft.stages.onnx_quant import drop_cast_round_trips
-
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="blocked1"),
-             helper.make_node("Cast", ["a"], ["a16"], name="a_cast_to_fp16_node", to=TensorProto.FLOAT16),
-             helper.make_node("Cast", ["a16"], ["a32"], name="a16_cast_to_fp32_node", to=TensorProto.FLOAT),
-             helper.make_node("Relu", ["a32"], ["y"], name="blocked2"),
-             helper.make_node("Neg", ["a16"], ["z"], name="half_consumer")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
-                           helper.make_tensor_value_info("z", TensorProto.FLOAT16, [2])])
-    assert drop_cast_round_trips(g) == 1
-    by = {n.name: n for n in g.node}
-    assert list(by["blocked2"].input) == ["a"]  # reads the fp32 value
-    assert "a16_cast_to_fp32_node" not in by
-    assert "a_cast_to_fp16_node" in by  # still feeds an fp16 consumer

@@ -12,9 +12,9 @@ import pytest
 
 from edgeft import artifact
 from edgeft.errors import UserError
+from edgeft.onnx import genai as onnx_genai
 from edgeft.runtime.onnx import MODEL_FILE, OnnxRuntime
 from edgeft.stages import export_onnx as ex
-from edgeft.stages import onnx_genai
 
 PROMPT_TEXT = "Question: What is the torque for the wheel bolts?\nAnswer:"
 NO_MIN = {"min_top1_int4": 0.0}  # random weights: int4 agreement ~0.5 (the gate itself: test_export_onnx)
@@ -133,9 +133,9 @@ def test_genai_runtime_imports_no_torch():
 
 def test_genai_latency_contract_counts_forwards(genai, monkeypatch):
     """Each append_tokens runs a forward: TTFT is the prompt's alone, decode the n-1 after the first token."""
-    from conftest import assert_forward_accounting, slowed
-
     from edgeft.runtime import onnx_genai
+
+    from conftest import assert_forward_accounting, slowed
 
     real = onnx_genai.og.Generator
 

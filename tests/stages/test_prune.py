@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeft import artifact, data
+from edgeft import artifact, records
 from edgeft.constants import PRUNE_PLAN_FILE
 from edgeft.errors import UserError
 from edgeft.runtime.prompt import PromptFormatter
-from edgeft.stages import prune, sparsity
+from edgeft.stages import data, prune
+from edgeft.training import examples, sparsity
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def _load(path):
 
 def _examples(model_dir, qa_path, n=16):
     fmt = PromptFormatter(model_dir)
-    return prune.calibration_examples(fmt, data.load_records(qa_path), n, 64, 0)
+    return examples.calibration(fmt, records.load_records(qa_path), n, 64, 0)
 
 
 def test_pruning_nothing_keeps_logits_identical(tiny_llama_dir, tiny_qa_jsonl):

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeft import data
 from edgeft.constants import CKPT_SUFFIX
-from edgeft.stages import train
+from edgeft.stages import data, train
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = dict(method="lora", max_steps=4, batch_size=4, lr=3e-3, max_length=64, eval_samples=8, log_every=1,
@@ -79,7 +78,7 @@ def test_edgeft_run_under_accelerate_launch(tmp_path):
            "--num_processes", "2", "--num_cpu_threads_per_process", "1", "--main_process_port", str(_port()),
            "-m", "edgeft.cli", "run", "--recipe", str(REPO / "recipes/tiny.yaml"), "--profile", "tiny",
            "--out", str(out), "profile.onnx=fp32", "profile.gguf=q4_k_m", "profile.ladder=onnx:fp32,gguf:q4_k_m",
-           "bench.max_samples=4"]
+           "profile.bench_samples=4"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "EDGEFT_HOME": str(home)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,9 +5,10 @@ import shutil
 import pytest
 import torch
 
-from edgeft import artifact, data, host
+from edgeft import artifact, host
 from edgeft.errors import StageFailure, UserError
-from edgeft.stages import merge, nf4, train
+from edgeft.stages import data, merge, train
+from edgeft.training import merging, nf4
 
 FAST = dict(max_steps=8, batch_size=4, lr=3e-3, max_length=64, eval_samples=8, log_every=1)
 
@@ -188,7 +189,7 @@ def test_unpinned_bitsandbytes_repacks_weights_on_eval(tiny_llama_dir):
     inference kernel, and the repacked layers keep that kernel in training mode too."""
     from transformers import AutoModelForCausalLM
 
-    from edgeft.stages import hf_io
+    from edgeft.training import hf_io
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=hf_io.bnb_config(
         "nf4", True, torch.float32), dtype=torch.float32, device_map={"": "cpu"})
@@ -249,7 +250,7 @@ def test_compare_logits_is_relative_to_scale_and_tie_aware():
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(6, 50, generator=g) * 30  # a real model's logit scale (~20-100)
     noisy = ref * (1 + 1e-6 * torch.randn(6, 50, generator=g))  # fp32 reassociation-sized noise
-    c = merge.compare_logits(ref, noisy)
+    c = merging.compare_logits(ref, noisy)
     assert c["max_abs_diff"] > 1e-5 and c["rel_diff"] < 1e-5 and c["decisive_mismatches"] == 0
     tie = ref.clone()
     top = tie[0].argmax()
@@ -257,9 +258,9 @@ def test_compare_logits_is_relative_to_scale_and_tie_aware():
     tie[0, second] = tie[0, top] - 1e-7  # a near-tie the noise may flip: not decisive
     flipped = tie.clone()
     flipped[0, second] = tie[0, top] + 1e-7
-    assert merge.compare_logits(tie, flipped)["decisive_mismatches"] == 0
+    assert merging.compare_logits(tie, flipped)["decisive_mismatches"] == 0
     wrong = ref.clone()
     wrong[1, ref[1].argmin()] = ref[1].max() + 5  # a confident different answer
-    c = merge.compare_logits(ref, wrong)
+    c = merging.compare_logits(ref, wrong)
     assert c["decisive_mismatches"] == 0 or c["rel_diff"] > 1e-2  # caught by scale either way
     assert c["rel_diff"] > 1e-2 and c["kl_mean"] > 1e-3

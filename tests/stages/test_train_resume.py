@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from edgeft import data
 from edgeft.constants import CKPT_SUFFIX
-from edgeft.stages import checkpoint, train
+from edgeft.stages import data, train
+from edgeft.training import checkpoint
 
 CFG = dict(method="lora", lora_dropout=0.1, max_steps=12, save_every=3, eval_every=4, batch_size=4, lr=3e-3,
            max_length=64, eval_samples=8, log_every=1)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from edgeft.errors import UserError
-from edgeft.stages import batching, checkpoint, dist, hf_io
-from edgeft.stages.batching import collate  # noqa: F401  (part of this module's interface)
+from edgeft.training import batching, checkpoint, dist, hf_io
+from edgeft.training.batching import collate  # noqa: F401  (part of this module's interface)
 
 # Loop fields a config may leave out (distill's config need not carry them), with their defaults.
 OPTIONAL = {"eval_every": 0, "early_stop_patience": 0, "early_stop_min_delta": 0.0, "restore_best": True,

@@ -13,30 +13,13 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, Keys
 
-from edgeft import gguf_lora, gguf_writer
 from edgeft.errors import UserError
+from edgeft.gguf import lora as gguf_lora
+from edgeft.gguf import writer as gguf_writer
+
+from conftest import make_adapter
 
 IDS = [1, 37, 200, 55, 9, 310, 77, 120, 64, 250, 18, 99]
-
-
-def _make_adapter(base_dir: Path, out: Path, **lora_kwargs) -> Path:
-    """A peft LoRA on every linear layer with random (nonzero) A and B, saved like the train stage does."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                   "up_proj", "down_proj"], lora_dropout=0.0)
-    cfg.update(lora_kwargs)
-    peft_model = get_peft_model(model, LoraConfig(**cfg))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    peft_model.save_pretrained(out, safe_serialization=True)
-    return out
 
 
 def _merged_logits(base_dir: Path, adapter_dir: Path, ids: list[int]) -> np.ndarray:
@@ -70,7 +53,7 @@ def _llama_cpp_logits(base: Path, lora: Path | None, ids: list[int], tmp: Path, 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    return _make_adapter(tiny_llama_dir, tmp_path_factory.mktemp("lora") / "adapter")
+    return make_adapter(tiny_llama_dir, tmp_path_factory.mktemp("lora") / "adapter")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +102,7 @@ def test_base_plus_adapter_equals_merged_model(adapter_dir, tiny_llama_dir, base
 
 
 def test_rslora_alpha_is_rescaled_for_llama_cpp(tiny_llama_dir, base_f32, tmp_path):
-    adapter = _make_adapter(tiny_llama_dir, tmp_path / "rs", use_rslora=True, target_modules=["q_proj", "down_proj"])
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "rs", use_rslora=True, target_modules=["q_proj", "down_proj"])
     out = tmp_path / "rs.gguf"
     info = gguf_lora.convert_adapter(adapter, tiny_llama_dir, out, "f16")
     assert info["gguf_alpha"] == pytest.approx(16 * 8 ** 0.5) and info["n_adapted"] == 4

@@ -21,7 +21,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from edgeft import gguf_writer
+from edgeft.gguf import writer as gguf_writer
 
 DATASETS_KEY = "imatrix.datasets"  # llama.cpp common/imatrix-loader.h
 CHUNK_COUNT_KEY = "imatrix.chunk_count"

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from edgeft import shapes
 from edgeft.constants import TOKENIZER_FILES
 from edgeft.errors import StageFailure, UserError
 from edgeft.runtime.onnx import CONFIG_FILE, MODEL_FILE
@@ -60,11 +61,13 @@ def check_model_dims(hf_dir: Path) -> None:
     """Refuse configs where a non-head Linear has vocab_size outputs: the builder takes it for the LM head."""
     cfg = json.loads((hf_dir / CONFIG_FILE).read_text())
     vocab = cfg.get("vocab_size")
-    heads = cfg.get("num_attention_heads") or 1
-    head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
+    try:
+        d = shapes.head_dim(cfg)
+        q_dim, kv_dim = shapes.n_heads(cfg) * d, shapes.kv_heads(cfg) * d
+    except (KeyError, TypeError, ZeroDivisionError):  # no attention shape: the builder says what is missing
+        q_dim = kv_dim = 0
     dims = {"intermediate_size": cfg.get("intermediate_size"), "hidden_size": cfg.get("hidden_size"),
-            "num_attention_heads * head_dim": heads * head_dim,
-            "num_key_value_heads * head_dim": (cfg.get("num_key_value_heads") or heads) * head_dim}
+            "num_attention_heads * head_dim": q_dim, "num_key_value_heads * head_dim": kv_dim}
     clash = [k for k, v in dims.items() if v == vocab]
     if clash:
         raise UserError(f"{hf_dir / CONFIG_FILE}: {clash[0]} equals vocab_size ({vocab}); the "

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from edgeft.constants import CKPT_SUFFIX
-from edgeft.stages import dist
+from edgeft.training import dist
 
 ID_FILE = "artifact_id"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeft import gguf_modelfile
+from edgeft.gguf import modelfile as gguf_modelfile
 from edgeft.runtime.prompt import PromptFormatter
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -1,4 +1,4 @@
-"""Instruction data: formats, validation, splits, chat-template rendering with answer-only labels.
+"""Instruction data records: formats, validation, normalisation, chat-template encoding, JSONL. Torch-free.
 
 Accepted JSONL formats, detected from the keys of the first record or given explicitly:
   alpaca    {"instruction", "input"?, "output", "system"?}
@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import json
 import random
-import re
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft import artifact
-from edgeft.constants import EMBEDDED, EVAL_FILE, KIND_DATA, MANUAL_FILE, MANUAL_HELDOUT_FILE, TRAIN_FILE
 from edgeft.errors import UserError, short
 
 FORMATS = ("auto", "alpaca", "qa", "messages", "sharegpt", "text")
@@ -31,73 +26,12 @@ MAX_LINE_BYTES = 16 << 20  # one JSONL record; longer lines are refused, never r
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 
 
-@dataclass(frozen=True)
-class Config:
-    train: str = EMBEDDED  # JSONL (or .txt for raw text); 'embedded' = the built-in repair manual
-    eval: str = EMBEDDED  # JSONL; 'embedded' with the built-in data; '' = split from train
-    format: str = "auto"  # one of FORMATS; auto detects from the first record's keys
-    manual: str = ""  # optional manual text (.txt, or .json sections with title/text) for pretraining
-    manual_heldout: float = 0.05  # share of manual lines kept out of all training (perplexity), 0 = none
-    eval_fraction: float = 0.1  # used when eval == '': share of distinct answers held out
-    seed: int = 0  # split and embedded-generator seed
-
-
-def run(src, cfg: Config, out: Path) -> artifact.Artifact:
-    """Validate and normalise the train/eval data into a data artifact (src is unused: data is a root)."""
-    validate(cfg)
-
-    def payload(tmp: Path) -> dict:
-        if cfg.train == EMBEDDED:
-            from edgeft.demo.manual import write_embedded_data
-
-            write_embedded_data(tmp, cfg.seed)
-            train = load_records(tmp / TRAIN_FILE, "qa")
-            evals = load_records(tmp / EVAL_FILE, "qa")
-        else:
-            train = load_records(Path(cfg.train), cfg.format)
-            if cfg.eval and cfg.eval != EMBEDDED:
-                evals = load_records(Path(cfg.eval), cfg.format)
-            else:
-                train, evals = split_by_answer(train, cfg.eval_fraction, cfg.seed)
-            if cfg.manual:
-                _copy_manual(Path(cfg.manual), tmp / MANUAL_FILE)
-        write_jsonl(tmp / TRAIN_FILE, train)
-        write_jsonl(tmp / EVAL_FILE, evals)
-        held = 0
-        if cfg.manual_heldout > 0 and (tmp / MANUAL_FILE).is_file():
-            kept, held_text = hold_out_manual((tmp / MANUAL_FILE).read_text(), train + evals,
-                                              cfg.manual_heldout, cfg.seed)
-            (tmp / MANUAL_FILE).write_text(kept)
-            (tmp / MANUAL_HELDOUT_FILE).write_text(held_text)
-            held = len(held_text.splitlines())
-        return {"train_records": len(train), "eval_records": len(evals),
-                "format": cfg.format if cfg.train != EMBEDDED else "qa", "manual_heldout_lines": held}
-
-    inputs = {}
-    for key in ("train", "eval", "manual"):
-        p = getattr(cfg, key)
-        if p and p != EMBEDDED:
-            inputs[f"{key}_sha256"] = artifact.sha256_file(Path(p))
-    return artifact.build(out, kind=KIND_DATA, stage="data", params=cfg, parent=None, payload=payload,
-                          inputs=inputs)
-
-
-def validate(cfg: Config) -> None:
-    """Refuse an unknown format or a missing file before anything runs."""
-    if cfg.format not in FORMATS:
-        raise UserError(f"data.format: '{cfg.format}' is not one of {', '.join(FORMATS)}")
-    for key in ("train", "eval", "manual"):
-        p = getattr(cfg, key)
-        if p and p != EMBEDDED and not Path(p).is_file():
-            raise UserError(f"data.{key}: file not found: {p}; pass an existing file path")
-
-
 def load_records(path: Path, fmt: str = "auto") -> list[dict]:
     """Read and normalise a JSONL (or .txt) file; a bad line is a UserError naming file:line."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     if path.suffix == ".txt":
-        return [{"text": _read_text(path)}]
+        return [{"text": read_text(path)}]
     records, detected = [], None if fmt == "auto" else fmt
     with open(path, "rb") as f:
         for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
@@ -248,47 +182,10 @@ def _str(rec: dict, key: str, where: str) -> str:
     return v
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not valid UTF-8; re-encode the file as UTF-8") from None
 
 
-def hold_out_manual(text: str, records: list[dict], fraction: float, seed: int) -> tuple[str, str]:
-    """Move a share of the manual's lines out of it: only lines sharing no 8-word run with any QA record."""
-    def grams(s: str) -> set:
-        w = re.findall(r"\w+", s.lower())
-        return {tuple(w[i:i + 8]) for i in range(len(w) - 7)}
-
-    texts = [m["content"] for r in records for m in r.get("messages", ())] + [r["text"] for r in records if "text" in r]
-    seen = set().union(*map(grams, texts))
-    lines = text.splitlines()
-    counts = {}
-    for line in lines:
-        counts[line] = counts.get(line, 0) + 1
-    cands = [i for i, line in enumerate(lines) if counts[line] == 1 and (g := grams(line)) and not g & seen]
-    k = min(len(cands), max(1, round(fraction * sum(1 for line in lines if line.strip()))))
-    held = set(random.Random(seed).sample(cands, k))
-    return ("\n".join(x for i, x in enumerate(lines) if i not in held) + "\n",
-            "".join(lines[i] + "\n" for i in sorted(held)))
-
-
-def _copy_manual(src: Path, dst: Path) -> None:
-    if not src.is_file():
-        raise UserError(f"data.manual: file not found: {src}")
-    if src.suffix != ".json":
-        _read_text(src)
-        shutil.copyfile(src, dst)
-        return
-    try:  # sections: {id: {"title", "text": str | [lines]}} or a list of them -> title line + body line
-        sections = json.loads(_read_text(src))
-        sections = list(sections.values()) if isinstance(sections, dict) else sections
-        out = []
-        for sec in sections:
-            body = sec["text"] if isinstance(sec["text"], str) else " ".join(sec["text"])
-            out.append((f"{sec['title']}\n" if sec.get("title") else "") + " ".join(body.split()) + "\n\n")
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise UserError(f"data.manual: {src}: expected a JSON list or mapping of sections with 'text' "
-                        "(a string or a list of lines) and optional 'title'") from None
-    dst.write_text("".join(out))

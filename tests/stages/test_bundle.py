@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_run
 
 from edgeft import artifact, profile
 from edgeft.constants import BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_README, BUNDLE_RUNNER, MANIFEST_NAME
 from edgeft.errors import UserError
+
+from conftest import make_tiny_run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,10 +40,11 @@ def cheap(name: str, **over):
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
     """dist/tiny for the tiny model."""
-    from edgeft.export import export
+    from edgeft.stages.bundle import Config as BundleConfig
+    from edgeft.stages.bundle import run as export_bundle
 
     out = tmp_path_factory.mktemp("dist") / "tiny"
-    export(cheap("tiny"), tiny_run, out, stage_params=NO_MIN)
+    export_bundle(tiny_run, BundleConfig(profile=cheap("tiny"), stage_params=NO_MIN), out)
     return out
 
 
@@ -75,10 +77,11 @@ def test_bundle_contents(tiny_bundle, tiny_run):
 
 
 def test_export_rerun_is_skipped(tiny_bundle, tiny_run, capsys):
-    from edgeft.export import export
+    from edgeft.stages.bundle import Config as BundleConfig
+    from edgeft.stages.bundle import run as export_bundle
 
     before = (tiny_bundle / MANIFEST_NAME).read_text()
-    export(cheap("tiny"), tiny_run, tiny_bundle, stage_params=NO_MIN)
+    export_bundle(tiny_run, BundleConfig(profile=cheap("tiny"), stage_params=NO_MIN), tiny_bundle)
     out = capsys.readouterr().out
     assert "[run ]" not in out and out.count("[skip]") >= 4
     assert (tiny_bundle / MANIFEST_NAME).read_text() == before
@@ -87,7 +90,8 @@ def test_export_rerun_is_skipped(tiny_bundle, tiny_run, capsys):
 @pytest.mark.parametrize("name", sorted(profile.names()))
 def test_every_profile_plans_valid_exports(name, tiny_run):
     """Fast half of the every-profile check: pre-flight passes the whole ladder and every stage config validates."""
-    from edgeft import pipeline, preflight
+    from edgeft import pipeline
+    from edgeft.bundle import preflight
 
     prof = profile.load(name)
     fits, notes = preflight.plan(tiny_run / "merge", prof, profile.ladder(prof))
@@ -101,10 +105,11 @@ def test_every_profile_plans_valid_exports(name, tiny_run):
 @pytest.mark.parametrize("name", [n for n in profile.names() if n != "tiny"])
 def test_export_every_profile(name, tiny_run, tmp_path):
     """Each shipped profile exports the tiny model: its ladder is built, benched, gated and bundled."""
-    from edgeft.export import export
+    from edgeft.stages.bundle import Config as BundleConfig
+    from edgeft.stages.bundle import run as export_bundle
 
     prof = cheap(name)
-    bundle = export(prof, tiny_run, tmp_path / name, stage_params=NO_MIN)
+    bundle = export_bundle(tiny_run, BundleConfig(profile=prof, stage_params=NO_MIN), tmp_path / name)
     spec = json.loads((bundle.path / BUNDLE_FILE).read_text())
     assert spec["profile"]["name"] == name
     records = json.loads((bundle.path / "report.json").read_text())
@@ -118,12 +123,13 @@ def test_export_every_profile(name, tiny_run, tmp_path):
 
 
 def test_a_format_failing_its_gate_steps_down_to_the_others(tiny_run, tmp_path):
-    from edgeft.export import export
+    from edgeft.stages.bundle import Config as BundleConfig
+    from edgeft.stages.bundle import run as export_bundle
 
     prof = cheap("tiny", gguf="q8_0", onnx="int8", ladder="gguf:q8_0,onnx:int8")
     # random weights reach ~0.85 int8 top-1 agreement: a 1.0 minimum fails the ONNX export's gate
-    bundle = export(prof, tiny_run, tmp_path / "dist", work=tmp_path / "work",
-                    stage_params={"export_onnx": {"min_top1_int8": 1.0}})
+    bundle = export_bundle(tiny_run, BundleConfig(profile=prof, stage_params={"export_onnx": {"min_top1_int8": 1.0}}),
+                           tmp_path / "dist", work=tmp_path / "work")
     spec = json.loads((bundle.path / BUNDLE_FILE).read_text())
     assert spec["variant"]["name"] == "gguf-q8_0"
     assert any(n.startswith("export: export_onnx failed its parity gate") for n in spec["preflight"]["notes"])
@@ -132,11 +138,12 @@ def test_a_format_failing_its_gate_steps_down_to_the_others(tiny_run, tmp_path):
 
 
 def test_export_refused_before_building(tiny_run, tmp_path):
-    from edgeft.export import export
+    from edgeft.stages.bundle import Config as BundleConfig
+    from edgeft.stages.bundle import run as export_bundle
 
     prof = cheap("tiny", memory_budget_gb="0.001", runtime_overhead_gb="0")
     with pytest.raises(UserError, match="no variant fits profile tiny"):
-        export(prof, tiny_run, tmp_path / "dist", work=tmp_path / "work", stage_params=NO_MIN)
+        export_bundle(tiny_run, BundleConfig(profile=prof, stage_params=NO_MIN), tmp_path / "dist", work=tmp_path / "work")
     assert not (tmp_path / "dist").exists() and not (tmp_path / "work").exists()
 
 

@@ -1,4 +1,4 @@
-"""Export for a device: pre-flight, build the profile's variants, bench them here, select, bundle.
+"""The bundle stage (`edgeft export`): pre-flight, build the profile's variants, bench them here, select, bundle.
 
 `edgeft export --profile jetson --from runs/demo --out dist/jetson` takes the tuned hf artifact of a
 run (or an hf artifact dir), walks the profile's quant ladder through the pre-flight (variants that
@@ -16,30 +16,54 @@ import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeft import artifact, host, pipeline, preflight
+from edgeft import artifact, host, pipeline
 from edgeft import profile as profiles
 from edgeft.artifact import Artifact
+from edgeft.bundle import preflight
 from edgeft.config import from_dict
-from edgeft.constants import (BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_README, BUNDLE_RUNNER, BUNDLE_SUMS,
-                              BUNDLE_VERSION, EVAL_FILE, KIND_BUNDLE, KIND_DATA, KIND_HF, MANIFEST_NAME, MANUAL_FILE,
-                              REPORT_JSON, REPORT_MD)
+from edgeft.constants import (
+    BUNDLE_FILE,
+    BUNDLE_MODEL_DIR,
+    BUNDLE_README,
+    BUNDLE_RUNNER,
+    BUNDLE_SUMS,
+    BUNDLE_VERSION,
+    EVAL_FILE,
+    KIND_BUNDLE,
+    KIND_DATA,
+    KIND_HF,
+    MANIFEST_NAME,
+    MANUAL_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+)
 from edgeft.errors import StageFailure, UserError
-from edgeft.profile import Profile
+from edgeft.profile import Profile, stage_config
 
-STAGE = "export"
+STAGE = "bundle"
 _TUNED_DIRS = ("merge", "train")  # where a run keeps its tuned hf artifact when it has no bench yet
-MAX_NEW_TOKENS = 96  # answer length cap the bundle's `ask` uses
 
 
-def export(prof: Profile, src: Path, out: Path, *, data: Path | None = None, work: Path | None = None,
-           stage_params: dict[str, dict] | None = None) -> Artifact:
-    """Build, bench, select and bundle `src`'s tuned model for `prof` into `out` (a bundle artifact).
+@dataclass(frozen=True)
+class Config:
+    """What a bundle is built for and from."""
 
-    The variants and their bench are cached artifacts under `work` (default RUN/export-PROFILE);
-    `stage_params` sets export stage keys beyond the profile's types, e.g. {"export_onnx": {...}}.
+    profile: Profile = field(default=Profile(), metadata={
+        "help": "the device profile (edgeft.profile.load): what to build, how the bench runs it, the gate"})
+    stage_params: dict = field(default_factory=dict, metadata={
+        "help": "export stage keys beyond the profile's, e.g. {'export_onnx': {'min_top1_int8': 0.98}}"})
+    max_new_tokens: int = field(default=96, metadata={"help": "answer length cap the bundle's `ask` uses, tokens"})
+
+
+def run(src: Path, cfg: Config, out: Path, *, data: Path | None = None, work: Path | None = None) -> Artifact:
+    """Build, bench, select and bundle `src`'s tuned model (a run dir or an hf artifact dir) into `out`.
+
+    The variants and their bench are cached artifacts under `work` (default RUN/export-PROFILE).
     """
+    prof, stage_params = cfg.profile, cfg.stage_params
     tuned, data_art, run_dir = resolve_source(Path(src), data)
     ests, notes = preflight.plan(tuned.path, prof, profiles.ladder(prof))
     for line in notes:
@@ -50,7 +74,7 @@ def export(prof: Profile, src: Path, out: Path, *, data: Path | None = None, wor
     configs = pipeline.export_configs(built)
     for name, params in (stage_params or {}).items():
         for key in params:  # what to build is the profile's (and pre-flight's) call, as in a recipe
-            prof_key = pipeline.PROFILE_EXPORT_KEYS.get(name, {}).get(key)
+            prof_key = profiles.STAGE_KEYS.get(name, {}).get(key)
             if prof_key:
                 raise UserError(f"export: {name}.{key} is set by the device profile ({prof_key}), which pre-flight "
                                 f"checks; override profile.{prof_key}=... instead")
@@ -59,28 +83,25 @@ def export(prof: Profile, src: Path, out: Path, *, data: Path | None = None, wor
                             f"{name.removeprefix('export_')} variant that fits; drop the override")
         merged = {**dataclasses.asdict(configs[name]), **params}
         configs[name] = from_dict(type(configs[name]), merged, name)
-    for name, cfg in configs.items():
-        pipeline.stage(name).validate(cfg)
+    for name, stage_cfg in configs.items():
+        pipeline.stage(name).validate(stage_cfg)
     work = Path(work) if work else run_dir / f"export-{prof.name}"
     exports = []
-    for name, cfg in configs.items():  # a format whose parity gate fails is a rung not taken, said aloud
+    for name, stage_cfg in configs.items():  # a format whose parity gate fails is a rung not taken, said aloud
         try:
-            exports.append(pipeline.stage(name).run(tuned, cfg, work / name.split("_", 1)[1]))
+            exports.append(pipeline.stage(name).run(tuned, stage_cfg, work / name.split("_", 1)[1]))
         except StageFailure as e:
             if len(configs) == 1 or (name == list(configs)[-1] and not exports):
                 raise
             notes.append(f"export: {name} failed its parity gate, its variants are not shipped: "
                          f"{str(e).splitlines()[0]}")
             print(f"[step] {notes[-1]}", flush=True)
-    ctx = preflight.context_length(preflight.model_shape(tuned.path), prof)
+    shape = preflight.model_shape(tuned.path)
+    ctx = preflight.context_length(shape, prof)
     bench_mod = pipeline.stage("bench")
     # the bench runs on this host: the profile's device figures (bandwidth, budgets, KV type) feed its
     # predictions and gate, while GPU offload and GPU providers stay off (this host's CPU runs it)
-    host_only = {"n_gpu_layers", "onnx_provider"}
-    shared = {f.name: getattr(prof, f.name) for f in dataclasses.fields(bench_mod.Config)
-              if hasattr(prof, f.name) and f.name not in host_only | {"threads"}}
-    bench_cfg = bench_mod.Config(**{**shared, "threads": prof.threads, "max_samples": prof.bench_samples,
-                                    "n_ctx": ctx})
+    bench_cfg = stage_config("bench", bench_mod.Config(), prof, on_device=False, max_context=shape.max_positions)
     bench = bench_mod.run(tuned, bench_cfg, work / "bench", data=data_art, exports=exports)
     records = json.loads((bench.path / REPORT_JSON).read_text())
     by_variant = {e.variant: e for e in ests}
@@ -107,7 +128,7 @@ def export(prof: Profile, src: Path, out: Path, *, data: Path | None = None, wor
                     **({"lora": f"{BUNDLE_MODEL_DIR}/{lora_src.name}"} if lora_src else {})},
         "runtime": {"threads": prof.threads, "n_ctx": ctx, "n_gpu_layers": prof.n_gpu_layers,
                     "onnx_provider": prof.onnx_provider, "kv_cache_type": prof.kv_cache_type,
-                    "max_new_tokens": MAX_NEW_TOKENS},
+                    "max_new_tokens": cfg.max_new_tokens},
         "selected": chosen,
         "preflight": {"chosen": preflight.as_dict(by_variant[variant]),
                       "ladder": [preflight.as_dict(preflight.estimate(preflight.model_shape(tuned.path), v, prof))
@@ -137,7 +158,7 @@ def export(prof: Profile, src: Path, out: Path, *, data: Path | None = None, wor
         for name in (REPORT_JSON, REPORT_MD):
             shutil.copy2(bench.path / name, staging / name)
         (staging / BUNDLE_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-        from edgeft.export_readme import readme, runner
+        from edgeft.bundle.readme import readme, runner
 
         (staging / BUNDLE_README).write_text(readme(spec, records))
         (staging / BUNDLE_RUNNER).write_text(runner())
@@ -167,8 +188,7 @@ def resolve_source(src: Path, data: Path | None = None) -> tuple[Artifact, Artif
         run_dir, tuned = src, None
         cands = [artifact.load(d.parent, verify=False) for d in sorted(src.glob(f"*/{MANIFEST_NAME}"))]
         cands = [a for a in cands if a.kind == KIND_HF]
-        bench = src / "bench" / MANIFEST_NAME
-        benched = (json.loads(bench.read_text()).get("parent") or {}).get("id") if bench.is_file() else None
+        benched = ((artifact.read_manifest(src / "bench") or {}).get("parent") or {}).get("id")
         # the model the run benched (the end of its chain), else merge/, else train/
         order = [a for a in cands if a.id == benched] + [a for n in _TUNED_DIRS for a in cands if a.path.name == n]
         if order:
@@ -188,7 +208,7 @@ def resolve_source(src: Path, data: Path | None = None) -> tuple[Artifact, Artif
 
 def _example_question(data_art: Artifact) -> str:
     """The first eval question, for the README's run example."""
-    from edgeft.data import read_jsonl
+    from edgeft.records import read_jsonl
 
     for rec in read_jsonl(data_art.path / EVAL_FILE):
         for m in rec.get("messages", []):

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from edgeft.stages import loop
+from edgeft.training import loop
 
 METHODS = ("wanda", "magnitude")
 DENSE_NOTE = ("unstructured sparsity: {pct:.0%} of the block projection weights are zero, but the model is stored "

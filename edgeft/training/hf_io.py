@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
-from edgeft import artifact
+from edgeft import artifact, safetensors_file
 from edgeft.constants import TOKENIZER_FILES
 from edgeft.errors import UserError
 
@@ -63,19 +62,7 @@ def check_weights(model_dir: Path) -> None:
                 "it has no *.safetensors weights")
         raise UserError(f"base.model: {model_dir}: {hint}")
     for f in files:
-        size = f.stat().st_size
-        try:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n <= 0 or 8 + n > size:
-                    raise ValueError("header length beyond the end of the file")
-                header = json.loads(fh.read(n))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
-            raise UserError(f"{f}: not a readable safetensors file ({e}); re-download or re-save the model") from None
-        if 8 + n + end > size:
-            raise UserError(f"{f}: truncated ({size} bytes, the header lists {8 + n + end}); "
-                            "re-download or re-save the model")
+        safetensors_file.read_header(f, complete=True)  # a corrupt or truncated file: a UserError naming it
 
 
 def run_data(src: artifact.Artifact, need: str) -> artifact.Artifact | None:
@@ -84,7 +71,7 @@ def run_data(src: artifact.Artifact, need: str) -> artifact.Artifact | None:
     from edgeft.constants import KIND_DATA, MANIFEST_NAME
 
     for art in artifact.lineage(src.path):
-        data_id = art.manifest.get("inputs", {}).get("data_id")
+        data_id = art.inputs.get("data_id")
         cand = art.path.parent / "data"
         if data_id and (cand / MANIFEST_NAME).is_file():
             found = artifact.load(cand, kind=KIND_DATA)

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from edgeft.data import IGNORE_INDEX
-from edgeft.stages import batching, loop
+from edgeft.records import IGNORE_INDEX
+from edgeft.training import batching, loop
 
 
 @pytest.fixture(scope="module")

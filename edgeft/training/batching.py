@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeft.data import IGNORE_INDEX
+from edgeft.records import IGNORE_INDEX
 
 PACK_WINDOW = 1000  # examples packed together: wide enough to fill rows, narrow enough to stay shuffled
 

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from edgeft import data
+from edgeft import records
 from edgeft.demo.manual import generate_manual, write_embedded_data
 from edgeft.errors import UserError
 from edgeft.runtime.prompt import PromptFormatter
+from edgeft.stages import data
 
 
 def _jsonl(tmp_path, rows, name="d.jsonl"):
@@ -23,8 +24,8 @@ def _jsonl(tmp_path, rows, name="d.jsonl"):
     ({"conversations": [{"from": "human", "value": "Torque?"}, {"from": "gpt", "value": "10 Nm"}]}, "sharegpt"),
 ])
 def test_formats_detect_and_normalise(tmp_path, row, fmt):
-    assert data.detect_format(row, "x") == fmt
-    rec = data.load_records(_jsonl(tmp_path, [row]))[0]
+    assert records.detect_format(row, "x") == fmt
+    rec = records.load_records(_jsonl(tmp_path, [row]))[0]
     assert rec["messages"][-1] == {"role": "assistant", "content": "10 Nm"}
     assert rec["messages"][0]["role"] == "user" and rec["messages"][0]["content"].startswith("Torque?")
 
@@ -32,25 +33,25 @@ def test_formats_detect_and_normalise(tmp_path, row, fmt):
 def test_bad_lines_name_file_line_and_field(tmp_path):
     p = _jsonl(tmp_path, [{"question": "a", "answer": "b"}, {"question": "c"}])
     with pytest.raises(UserError, match=r"d.jsonl:2: missing field 'answer'"):
-        data.load_records(p)
+        records.load_records(p)
     p = _jsonl(tmp_path, [{"question": "a", "answer": "b"}, "{not json"])
     with pytest.raises(UserError, match=r"d.jsonl:2: invalid JSON"):
-        data.load_records(p)
+        records.load_records(p)
     p = tmp_path / "bin.jsonl"
     p.write_bytes(b'{"question": "a", "answer": "\xff"}\n')
     with pytest.raises(UserError, match=r"bin.jsonl:1: not valid UTF-8"):
-        data.load_records(p)
+        records.load_records(p)
     with pytest.raises(UserError, match="cannot tell the format"):
-        data.load_records(_jsonl(tmp_path, [{"prompt": "a", "completion": "b"}]))
+        records.load_records(_jsonl(tmp_path, [{"prompt": "a", "completion": "b"}]))
     with pytest.raises(UserError, match="no records"):
-        data.load_records(_jsonl(tmp_path, []))
+        records.load_records(_jsonl(tmp_path, []))
     with pytest.raises(UserError, match="role 'robot'"):
-        data.load_records(_jsonl(tmp_path, [{"messages": [{"role": "robot", "content": "x"}]}]))
+        records.load_records(_jsonl(tmp_path, [{"messages": [{"role": "robot", "content": "x"}]}]))
 
 
 def test_split_by_answer_keeps_paraphrases_together():
     recs = [{"messages": [], "answer": f"a{i % 10}"} for i in range(50)]
-    train, evals = data.split_by_answer(recs, 0.2, 0)
+    train, evals = records.split_by_answer(recs, 0.2, 0)
     assert {r["answer"] for r in train}.isdisjoint({r["answer"] for r in evals})
     assert len(train) + len(evals) == 50 and evals
 
@@ -61,12 +62,12 @@ def test_labels_cover_assistant_turns_only(tiny_tokenizer_dir):
                         {"role": "assistant", "content": "Low oil pressure."},
                         {"role": "user", "content": "And the remedy?"},
                         {"role": "assistant", "content": "Replace the oil filter."}]}
-    ids, labels = data.encode_example(fmt, rec, 512)
+    ids, labels = records.encode_example(fmt, rec, 512)
     assert ids[0] == fmt.bos_id and len(ids) == len(labels)
-    learned = fmt.decode([t for t, l in zip(ids, labels) if l != data.IGNORE_INDEX])
+    learned = fmt.decode([t for t, l in zip(ids, labels) if l != records.IGNORE_INDEX])
     assert "Low oil pressure." in learned and "Replace the oil filter." in learned
     assert "E101" not in learned and "remedy" not in learned
-    assert fmt.eos_id in [t for t, l in zip(ids, labels) if l != data.IGNORE_INDEX]  # learns to stop
+    assert fmt.eos_id in [t for t, l in zip(ids, labels) if l != records.IGNORE_INDEX]  # learns to stop
 
 
 def test_prompt_ids_match_transformers_chat_template(tiny_tokenizer_dir):
@@ -105,15 +106,15 @@ def test_sharegpt_multi_turn_learns_every_assistant_turn_and_nothing_else(tmp_pa
                              {"from": "human", "value": "What is E101?"}, {"from": "gpt", "value": "Low oil pressure."},
                              {"from": "human", "value": "And the remedy?"},
                              {"from": "gpt", "value": "Replace the oil filter."}]}
-    rec = data.load_records(_jsonl(tmp_path, [row]))[0]
+    rec = records.load_records(_jsonl(tmp_path, [row]))[0]
     fmt = PromptFormatter(tiny_tokenizer_dir)
-    ids, labels = data.encode_example(fmt, rec, 512)
+    ids, labels = records.encode_example(fmt, rec, 512)
     assert ids == fmt.encode(fmt.render(rec["messages"]))
-    learned = [t for t, l in zip(ids, labels) if l != data.IGNORE_INDEX]
-    assert [l for l in labels if l != data.IGNORE_INDEX] == learned  # labels are the ids themselves
+    learned = [t for t, l in zip(ids, labels) if l != records.IGNORE_INDEX]
+    assert [l for l in labels if l != records.IGNORE_INDEX] == learned  # labels are the ids themselves
     assert learned.count(fmt.eos_id) == 2  # both turns learn to stop
     assert fmt.decode(learned).split() == "Low oil pressure. Replace the oil filter.".split()
-    prompt_text = fmt.decode([t for t, l in zip(ids, labels) if l == data.IGNORE_INDEX])
+    prompt_text = fmt.decode([t for t, l in zip(ids, labels) if l == records.IGNORE_INDEX])
     assert "Be brief." in prompt_text and "E101" in prompt_text and "remedy" in prompt_text
 
 
@@ -129,16 +130,16 @@ def test_answer_token_merged_across_the_turn_boundary_is_learned(tmp_path, tiny_
         "{% if add_generation_prompt %}Answer: {% endif %}")
     fmt = PromptFormatter(tok)
     msgs = [{"role": "user", "content": "What is E101?"}, {"role": "assistant", "content": "Replace the filter."}]
-    ids, labels = data.encode_example(fmt, {"messages": msgs}, 512)
+    ids, labels = records.encode_example(fmt, {"messages": msgs}, 512)
     head = fmt.encode(fmt.render(msgs[:1], add_generation_prompt=True))
     assert ids[:len(head)] != head  # the boundary token really merged
-    learned = fmt.decode([t for t, l in zip(ids, labels) if l != data.IGNORE_INDEX])
+    learned = fmt.decode([t for t, l in zip(ids, labels) if l != records.IGNORE_INDEX])
     assert learned.strip() == "Replace the filter."
 
 
 def test_truncation_keeps_labels_aligned(tiny_tokenizer_dir):
     fmt = PromptFormatter(tiny_tokenizer_dir)
     rec = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A long answer " * 20}]}
-    ids, labels = data.encode_example(fmt, rec, 16)
-    full_ids, full_labels = data.encode_example(fmt, rec, 10_000)
+    ids, labels = records.encode_example(fmt, rec, 16)
+    full_ids, full_labels = records.encode_example(fmt, rec, 10_000)
     assert len(ids) == len(labels) == 16 and ids == full_ids[:16] and labels == full_labels[:16]

@@ -3,7 +3,7 @@
 llama.cpp's convert_hf_to_gguf.py is not installable with the PyPI `gguf` (ENVIRONMENT.md), so this
 module does the part we need. One table per architecture maps HF tensor names to GGUF tensors;
 metadata goes through the writer's add_* methods (the keys live in gguf.Keys); the tokenizer is
-translated by edgeft.gguf_vocab. The header and tensor infos are written first from the planned
+translated by edgeft.gguf.vocab. The header and tensor infos are written first from the planned
 shapes and types, then the data streams tensor by tensor: each is read from its safetensors file
 with plain reads at the offsets the file's header gives (no memory map, whose touched pages would
 stay in this process's resident set, and no torch), converted, written and dropped, so peak memory
@@ -20,18 +20,17 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, LlamaFileType
 from gguf import GGMLQuantizationType as QType
-from gguf import LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
-from edgeft import gguf_vocab
+from edgeft import shapes, variants
 from edgeft.errors import UserError
+from edgeft.gguf import vocab as gguf_vocab
 from edgeft.safetensors_file import SafeTensorsFile
 
-OUT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what this writer produces itself; K-quants come from llama.cpp
-
-_QTYPE = {"f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0}
-_FILE_TYPE = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-              "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+# what this writer produces itself (the table's gguf types with no llama.cpp quantizer target)
+OUT_TYPES = tuple(t for t in variants.quants("gguf") if not variants.get("gguf", t).llama_ftype)
+_QTYPE = {t: QType[variants.get("gguf", t).tensor_type] for t in OUT_TYPES}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some checkpoints saved; llama.cpp recomputes them
@@ -203,8 +202,7 @@ def _hparams(config: dict, hf_dir: Path, spec: ArchSpec) -> dict:
     return {
         "hidden": hidden, "heads": heads, "layers": need("num_hidden_layers"),
         "ffn": need("intermediate_size"), "ctx": need("max_position_embeddings"),
-        "kv_heads": config.get("num_key_value_heads") or heads,
-        "head_dim": config.get("head_dim") or hidden // heads,
+        "kv_heads": shapes.kv_heads(config), "head_dim": shapes.head_dim(config),
         "rms_eps": need("rms_norm_eps"), "rope_theta": config.get("rope_theta", 10000.0),
         "rope_linear": rope_scaling.get("factor") if rope_scaling and rtype == "linear" else None,
         "tied": bool(config.get("tie_word_embeddings", spec.arch == MODEL_ARCH.GEMMA)),  # HF defaults
@@ -229,7 +227,7 @@ def _add_metadata(w: gguf.GGUFWriter, hp: dict, out_type: str, name: str, n_rows
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(hp["rope_linear"]))
     w.add_vocab_size(n_rows)
-    w.add_file_type(_FILE_TYPE[out_type])
+    w.add_file_type(LlamaFileType(variants.get("gguf", out_type).file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

@@ -13,8 +13,8 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader, Keys
 from safetensors.numpy import load_file
 
-from edgeft import gguf_writer
 from edgeft.errors import UserError
+from edgeft.gguf import writer as gguf_writer
 
 N_HEADS, N_KV = 4, 2  # the conftest tiny Llama
 HF_TO_GGUF = {
@@ -233,7 +233,7 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     from edgeft.demo.manual import generate_manual
-    from edgeft.gguf_vocab import PRE_TOKENIZER_REGEX
+    from edgeft.gguf.vocab import PRE_TOKENIZER_REGEX
 
     out = tmp_path_factory.mktemp("qwen2")
     bpe = Tokenizer(models.BPE())

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType as QType
 from gguf import MODEL_ARCH_NAMES
+from gguf import GGMLQuantizationType as QType
 
-from edgeft import gguf_writer
 from edgeft.errors import UserError
+from edgeft.gguf import writer as gguf_writer
 
 ADAPTER_TYPES = ("f32", "f16")  # lora_a/lora_b storage; small tensors, kept in float
 _PREFIX = "base_model.model."  # peft's wrapper prefix on every adapter tensor name

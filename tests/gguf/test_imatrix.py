@@ -8,7 +8,8 @@ import pytest
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader
 
-from edgeft import gguf_imatrix, gguf_writer
+from edgeft.gguf import imatrix as gguf_imatrix
+from edgeft.gguf import writer as gguf_writer
 from edgeft.stages import export_gguf
 
 

@@ -106,9 +106,11 @@ def quantize_int4(base: Path, out: Path, *, algo: str, block_size: int, symmetri
     embedding Gather as GatherBlockQuantized (RTN: onnxruntime has no HQQ Gather). Returns what was applied."""
     import numpy as np
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 HQQWeightOnlyQuantConfig,
-                                                                 MatMulNBitsQuantizer)
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     copy_sidecars(base, out)
     model = onnx.load(str(base / MODEL_FILE))

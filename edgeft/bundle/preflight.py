@@ -12,24 +12,14 @@ next one down is tried; none fitting is a UserError that says what would make on
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgeft import variants
 from edgeft.errors import UserError
+from edgeft.shapes import ModelShape, kv_bytes_per_token, model_shape  # ModelShape, model_shape: public here too
 
 GIB = 1 << 30
-# Bits per weight of a 2-D tensor in each type (the stored bytes x 8 / weights, scales included).
-_BPW = {
-    "gguf:f32": 32.0, "gguf:f16": 16.0, "gguf:bf16": 16.0,
-    "gguf:q8_0": 8.5,  # 32 int8 + one fp16 scale per block
-    "gguf:q6_k": 6.5625, "gguf:q5_k_m": 5.69, "gguf:q4_k_m": 4.89,  # llama.cpp's mix (attn_v/ffn_down wider)
-    "gguf:q4_0": 4.5,  # 32 4-bit + one fp16 scale per block
-    "onnx:fp32": 32.0, "onnx:fp16": 16.0,
-    "onnx:int8": 8.0,  # per-channel scales are negligible; the embedding Gather is quantized too
-    "onnx:int4": 5.0,  # MatMulNBits / GatherBlockQuantized: 4 bits + an fp32 scale per block of 32
-}
 _KV_BYTES = {"f16": 2, "f32": 4}
 _ONNX_KV_BYTES = {"fp16": 2}  # the other ONNX types keep an fp32 KV cache (the exported graph's dtype)
 
@@ -56,59 +46,9 @@ class Estimate:
                 f"{self.predicted_decode_tok_s:.0f} tok/s from bandwidth")
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the estimate needs from an hf model dir."""
-
-    embed_params: int  # the input embedding table
-    head_params: int  # the LM head (0 when tied to the embeddings)
-    matrix_params: int  # every other 2-D weight
-    vector_params: int  # norms and biases (kept in fp32 by every exporter)
-    n_layers: int
-    kv_heads: int
-    head_dim: int
-    max_positions: int  # the model's max_position_embeddings (0 = unknown)
-
-    @property
-    def params(self) -> int:
-        return self.embed_params + self.head_params + self.matrix_params + self.vector_params
-
-
 def bits_per_weight(variant: str) -> float:
-    """Nominal bits per weight of FORMAT:QUANT; unknown types are a UserError."""
-    if variant not in _BPW:
-        raise UserError(f"pre-flight: no size model for {variant!r}; known: {', '.join(_BPW)}")
-    return _BPW[variant]
-
-
-def model_shape(hf_dir: Path) -> ModelShape:
-    """Parameter counts from the safetensors headers and the attention shape from config.json."""
-    hf_dir = Path(hf_dir)
-    cfg_path = hf_dir / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{hf_dir}: no config.json; pre-flight needs an hf model dir (the merge or train output)")
-    cfg = json.loads(cfg_path.read_text())
-    cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the decoder's config inside
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{hf_dir}: no .safetensors weights; save the model with safe_serialization=True")
-    embed = head = matrix = vector = 0
-    for f in files:
-        for name, n, ndim in _tensor_sizes(f):
-            if "embed_tokens" in name or name.endswith("wte.weight"):
-                embed += n
-            elif name.startswith("lm_head") or name.endswith("output.weight"):
-                head += n
-            elif ndim >= 2:
-                matrix += n
-            else:
-                vector += n
-    heads = int(cfg["num_attention_heads"])
-    return ModelShape(embed_params=embed, head_params=head, matrix_params=matrix, vector_params=vector,
-                      n_layers=int(cfg["num_hidden_layers"]),
-                      kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                      head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-                      max_positions=int(cfg.get("max_position_embeddings") or 0))
+    """Nominal bits per weight of FORMAT:QUANT (edgeft.variants); unknown types are a UserError."""
+    return variants.parse(variant).bpw
 
 
 def estimate(shape: ModelShape, variant: str, profile) -> Estimate:
@@ -119,7 +59,7 @@ def estimate(shape: ModelShape, variant: str, profile) -> Estimate:
     weights = (shape.matrix_params + head + shape.embed_params) * bpw / 8 + shape.vector_params * 4
     ctx = context_length(shape, profile)
     kv_bytes = _ONNX_KV_BYTES.get(quant, 4) if fmt == "onnx" else _KV_BYTES[profile.kv_cache_type]
-    kv_per_token = 2 * shape.n_layers * shape.kv_heads * shape.head_dim * kv_bytes  # K and V
+    kv_per_token = kv_bytes_per_token(shape, kv_bytes)  # K and V
     kv = kv_per_token * ctx
     # per token: every weight but the embedding table (one row), unless it doubles as the LM head,
     # plus the KV cache at half the context on average
@@ -172,25 +112,3 @@ def plan(hf_dir: Path, profile, ladder: tuple[str, ...]) -> tuple[list[Estimate]
 def as_dict(est: Estimate) -> dict:
     """JSON form of an estimate (bundle manifest)."""
     return asdict(est)
-
-
-def _tensor_sizes(path: Path):
-    """(name, elements, ndim) of every tensor in a safetensors file, from its JSON header only."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise UserError(f"{path}: truncated safetensors file (no header); rebuild the model")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20:
-            raise UserError(f"{path}: safetensors header of {n} bytes is implausible; the file is corrupt")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path}: corrupt safetensors header; rebuild the model") from None
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        count = 1
-        for d in meta["shape"]:
-            count *= d
-        yield name, count, len(meta["shape"])

@@ -156,7 +156,7 @@ def run_child(files: dict[str, Path], prompts: list[list[int]], tmp: Path,
            "prompts": prompts, "max_new": _GATE_NEW_TOKENS, "out": str(tmp),
            "lora": str(lora) if lora else None, "eval_texts": [e["prompt"] for e in evals or []],
            "eval_full": [e["full"] for e in evals or []]}
-    code = "from edgeft.gguf_parity import child_main; child_main()"
+    code = "from edgeft.gguf.parity import child_main; child_main()"
     try:
         proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True,
                               text=True, timeout=_CHILD_TIMEOUT_S)
