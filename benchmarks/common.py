@@ -150,5 +150,60 @@ def _tensor_shapes(cfg) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+# --smoke: a tiny random-weight Llama (the dims K-quants and MatMulNBits accept; intermediate != vocab so
+# no exporter takes the MLP for the head) with a small tokenizer, both built in seconds.
+SMOKE_VOCAB = 1024
+SMOKE_MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512)
+_SMOKE_TOKENIZER_TEXT_BYTES = 1 << 20
+
+
+def build_smoke_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny random-weight model of SMOKE_MODEL (one fp32 safetensors file) to `out_dir`; return it."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in smoke_tokenizer().iterdir():
+        shutil.copy2(f, out / f.name)
+    cfg = LlamaConfig(vocab_size=SMOKE_VOCAB, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1,
+                      eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32",
+                      architectures=["LlamaForCausalLM"], **SMOKE_MODEL)
+    cfg.save_pretrained(out)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {name: torch.ones(shape) if len(shape) == 1 else torch.empty(shape).normal_(0.0, _INIT_STD, generator=gen)
+               for name, shape in _tensor_shapes(cfg)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def smoke_tokenizer() -> Path:
+    """A SMOKE_VOCAB-piece SentencePiece BPE tokenizer dir trained on 1 MiB of stdlib text, built once and cached."""
+    from edgeft.demo.tokenizer import train_tokenizer
+
+    files = _stdlib_files()
+    key = hashlib.sha256(f"smoke|{SMOKE_VOCAB}|{sys.version}|{len(files)}".encode()).hexdigest()[:12]
+    out = cache_dir() / f"bench-smoke-tokenizer-{key}"
+    if (out / "tokenizer.json").is_file():
+        return out
+    texts, size = [], 0
+    for f in files:
+        lines = [ln.strip()[:2000] for ln in f.read_text(errors="replace").splitlines() if len(ln.strip()) > 3]
+        texts += lines
+        size += sum(map(len, lines))
+        if size > _SMOKE_TOKENIZER_TEXT_BYTES:
+            break
+    tmp = out.with_name(f"{out.name}.part-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train_tokenizer(texts, SMOKE_VOCAB, tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 if __name__ == "__main__":
     print(build_random_model(sys.argv[1], sys.argv[2]))

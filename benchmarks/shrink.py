@@ -1,7 +1,9 @@
 """Shrink the embedded default: prune 25% and 50% of the tuned model's parameters, distill, then Q4_K_M.
 
-The teacher is the demo's tuned model (runs/demo/merge; built with the demo recipe through the pipeline
-when absent). For each ratio: prune (edgeft.stages.prune), distill from the teacher (edgeft.stages.distill),
+The teacher is the demo's tuned model: the demo recipe is run through the pipeline into --run (default
+runs/demo), so a finished stage is reused only when its artifact id (parent, params, input hashes) is the
+demo recipe's; a run dir holding another recipe's model is rebuilt, never silently used. The teacher's id
+and lineage are printed. For each ratio: prune (edgeft.stages.prune), distill from the teacher (edgeft.stages.distill),
 export Q4_K_M (edgeft.stages.export_gguf). Every model is then measured by the bench harness on the same
 eval prompts (trained facts asked in unseen phrasings): key_fact, rouge_l, exact_match, each as a share of
 the tuned teacher's, and its size as a ratio to the fp16 tuned model. Target (issue 4): >= 90% of the
@@ -25,13 +27,15 @@ METRICS = ("key_fact", "rouge_l", "exact_match")
 
 
 def ensure_tuned(run: Path):
-    """The demo run's tuned model and data artifacts, running the demo recipe first when they are missing."""
+    """The demo recipe's tuned model and data artifacts in `run`: finished stages with the recipe's ids are
+    reused, anything else is (re)built by the pipeline."""
     from edgeft import artifact, pipeline, profile
 
-    if not (run / "merge" / "manifest.json").is_file():
-        recipe = pipeline.load_recipe(REPO / "recipes" / "demo.yaml", {})
-        pipeline.run(recipe, profile.load("x86-cpu"), run)
-    return artifact.load(run / "merge"), artifact.load(run / "data")
+    recipe = pipeline.load_recipe(REPO / "recipes" / "demo.yaml", {})
+    arts = pipeline.run(recipe, profile.load("x86-cpu"), run)
+    tuned = arts.get("merge") or arts["train"]
+    print("teacher: " + " <- ".join(f"{a.stage} {a.id}" for a in artifact.lineage(tuned.path)), flush=True)
+    return tuned, arts["data"]
 
 
 def main() -> None:

@@ -1,111 +1,309 @@
-"""Training throughput: `edgeft` train vs a vanilla transformers Trainer + peft baseline.
+"""Training throughput: `edgeft` train vs vanilla transformers Trainer + peft baselines, timed the same way.
 
 Same model (a 58M-parameter Llama config: hidden 512, 8 layers, 32k vocab, random weights), same LoRA
 (r=16, alpha 32, all linear layers), same examples (chat-rendered, loss on answers only), same optimizer
-(AdamW, lr, warm-up + cosine, clip 1.0) and batch size 8. The baseline pads each batch to its longest
-example, in random order, as `Trainer` does by default. Throughput counts NON-PADDING tokens per second
-of the training loop; the ratios are against the baseline measured in this same run.
+(AdamW, lr, warm-up + cosine, clip 1.0) and batch size 8 on every side.
 
-Variants: edgeft without packing (length-grouped batches, LM head only on labelled positions), edgeft
-with packing (length-aware rows of max_length, attention per sample), and two ablations that show what
-each part buys: packing with a 4D block-diagonal mask instead of per-sample attention, and that plus
+Baselines (transformers Trainer + peft):
+- trainer_defaults: Trainer defaults; each batch padded to its longest example, random order.
+- trainer_group_by_length: the strongest padded setup a user would configure: TrainingArguments(
+  group_by_length=True) (batches of similar lengths, from windows of 50 batches like edgeft's) and
+  model.config.use_cache=False (no KV cache built during training, as edgeft does).
+- trainer_padding_free: transformers.DataCollatorWithFlattening (each batch of 8 is one row of
+  concatenated examples, position_ids restarting per example, no padding at all), use_cache=False.
+  Finding, transformers 4.57 on CPU (sdpa): the flattened row gets no attention_mask; create_causal_mask
+  (masking_utils._preprocess_mask_arguments) detects packed sequences from position_ids and builds a
+  block-diagonal mask ONLY when past_key_values is None, and LlamaModel.forward creates a DynamicCache
+  whenever use_cache is True, which is the config default in training. So with defaults the flattened
+  examples attend across each other (not equivalent training); with use_cache=False sdpa gets a dense
+  block-diagonal causal mask (equivalent, but every cross-example score is still computed, then masked).
+  The script checks this on the model itself before timing (logits of a flattened row vs each example
+  alone), records it under "padding_free_check", and labels the side "cross-attends: not equivalent"
+  should the check fail.
+
+edgeft variants: edgeft without packing (length-grouped batches, LM head only on labelled positions),
+edgeft with packing (length-aware rows of max_length, attention per sample), and two ablations that show
+what each part buys: packing with a 4D block-diagonal mask instead of per-sample attention, and that plus
 the model's own full-vocabulary loss.
+
+Timing, identical on every side: one global torch optimizer-step post-hook (the same event in Trainer
+and in edgeft's loop) stamps the end of every optimizer step. A run's time is from the end of step 1 to
+the end of step N: the first step is warm-up and excluded on both sides, and so are model load, setup,
+saving and teardown; what is timed is N-1 whole steps (batch collation, forward, backward, clipping,
+optimizer and scheduler step, logging). Tokens are NON-PADDING tokens (the summed lengths of the examples)
+of the batches of steps 2..N, recorded at collation in order on both sides. Every side runs --repeats
+times (3), interleaved baseline / edgeft / stronger baseline / edgeft variant ..., the order reversed on
+every other repeat; reported: the median tokens/s, its min, max and spread, and the ratio of every edgeft
+variant against every baseline (medians of this same run; per-repeat ratios alongside).
 
     flock /tmp/edgeft-heavy.lock .venv/bin/python benchmarks/train_throughput.py \\
         --data /work/shared/data/emanual-tv/qa.jsonl --out runs/bench/train_throughput.json
-Without --data (or when it is missing) it uses the embedded demo manual's QA pairs.
+Without --data (or when it is missing) it uses the embedded demo manual's QA pairs. --smoke: a tiny model
+(hidden 64, 2 layers, its own 512-piece tokenizer), 4 steps, 1 repeat: every code path in well under a
+minute; its numbers say nothing about speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
               num_key_value_heads=8, max_position_embeddings=2048)
+SMOKE_CONFIG = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, max_position_embeddings=512)
+SMOKE_VOCAB = 512
 DEFAULT_DATA = ""  # the embedded demo QA; pass --data for a real set (the reference used emanual-tv qa.jsonl)
+BATCH = 8
+LORA = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
+
+# name -> what it is. Baselines first; the interleaved order alternates them with the edgeft variants.
+BASELINES = {
+    "trainer_defaults": "Trainer defaults: batches padded to their longest example, random order",
+    "trainer_group_by_length": "Trainer group_by_length=True + use_cache=False: padded, similar lengths batched",
+    "trainer_padding_free": "Trainer + DataCollatorWithFlattening (padding-free, position_ids), use_cache=False",
+}
+VARIANTS = {
+    "edgeft": "edgeft: length-grouped batches, LM head on labelled positions only",
+    "edgeft_packing": "edgeft packing: rows of max_length, attention per sample (varlen)",
+    "edgeft_packing_mask4d": "ablation: packing with a 4D block-diagonal mask instead of varlen",
+    "edgeft_packing_mask4d_full_logits": "ablation: packing, 4D mask and the model's full-vocabulary loss",
+}
+NOT_EQUIVALENT = " (cross-attends: not equivalent)"
 
 
 def main() -> None:
-    """Run the baseline and the edgeft variants; print tokens/s and ratios; write JSON."""
+    """Run every side --repeats times, interleaved; print medians, spread and ratios; write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help="JSONL of any edgeft format (default: the embedded demo QA)")
-    ap.add_argument("--steps", type=int, default=16, help="baseline optimizer steps (batch 8)")
+    ap.add_argument("--steps", type=int, default=16, help="optimizer steps of batch 8 per unpacked run (>= 2)")
     ap.add_argument("--max-length", type=int, default=512, help="tokens per example / packed row")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every side, interleaved")
     ap.add_argument("--work", default="/tmp/edgeft-bench-train", help="scratch dir (model, data artifact)")
     ap.add_argument("--out", default="runs/bench/train_throughput.json")
     ap.add_argument("--skip-ablation", action="store_true", help="skip the two ablation variants")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 4 steps, 1 repeat, max_length 128: exercises every path, measures nothing")
     args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.repeats, args.max_length = 4, 1, 128
+    if args.steps < 2 or args.repeats < 1:
+        ap.error("--steps must be >= 2 (step 1 is warm-up, never timed) and --repeats >= 1")
 
     import torch
 
+    started = time.time()
     work = Path(args.work)
-    model_dir = build_model(work / "model58m")
+    if args.smoke:
+        work = work / "smoke"
+        model_dir = build_model(work / "model-smoke", config=SMOKE_CONFIG, tokenizer=smoke_tokenizer(work))
+    else:
+        model_dir = build_model(work / "model58m")
     data_art, source = data_artifact(args.data, work)
     examples = encode(model_dir, data_art, args.max_length)
     mean_len = sum(len(x) for x, _ in examples) / len(examples)
     print(f"data: {source}: {len(examples)} train examples, mean {mean_len:.1f} tokens; "
           f"torch threads {torch.get_num_threads()}", flush=True)
 
-    results = {"baseline_trainer": baseline(model_dir, examples, args)}
-    packed_steps = max(3, round(args.steps * 8 * mean_len / (8 * args.max_length)))  # about the same tokens
-    results["edgeft"] = edgeft(model_dir, data_art, work, args, args.steps, packing=False)
-    results["edgeft_packing"] = edgeft(model_dir, data_art, work, args, packed_steps, packing=True)
-    if not args.skip_ablation:
-        from edgeft.training import batching
+    pf = padding_free_check(model_dir, examples)
+    print(f"padding-free check: {pf['finding']}", flush=True)
+    what = {**BASELINES, **VARIANTS}
+    if not pf["equivalent"]:
+        what["trainer_padding_free"] += NOT_EQUIVALENT
 
-        saved = batching.use_varlen, batching._PLAIN_HEAD_TYPES
-        try:
-            batching.use_varlen = lambda model: None  # packed rows carry a 4D mask
-            results["edgeft_packing_mask4d"] = edgeft(model_dir, data_art, work, args, packed_steps, packing=True)
-            batching._PLAIN_HEAD_TYPES = ()  # and the model's own loss: vocabulary logits at every position
-            results["edgeft_packing_mask4d_full_logits"] = edgeft(model_dir, data_art, work, args, packed_steps,
-                                                                  packing=True)
-        finally:
-            batching.use_varlen, batching._PLAIN_HEAD_TYPES = saved
-    base = results["baseline_trainer"]["tokens_per_s"]
-    for r in results.values():
-        r["ratio_vs_baseline"] = round(r["tokens_per_s"] / base, 3)
-    print("\nvariant                            non-pad tok/s   ratio   padding share   steps")
-    for name, r in results.items():
-        print(f"{name:34s} {r['tokens_per_s']:12.1f} {r['ratio_vs_baseline']:7.2f}x "
-              f"{r.get('padding_share') or 0:13.2f} {r['steps']:7d}")
+    packed_steps = max(3, round(args.steps * BATCH * mean_len / (BATCH * args.max_length)))  # about the same tokens
+    runners = {
+        "trainer_defaults": lambda: trainer_run(model_dir, examples, args, "defaults"),
+        "trainer_group_by_length": lambda: trainer_run(model_dir, examples, args, "group_by_length"),
+        "trainer_padding_free": lambda: trainer_run(model_dir, examples, args, "padding_free"),
+        "edgeft": lambda: edgeft_run(model_dir, data_art, work, args, args.steps, packing=False),
+        "edgeft_packing": lambda: edgeft_run(model_dir, data_art, work, args, packed_steps, packing=True),
+        "edgeft_packing_mask4d": lambda: edgeft_run(model_dir, data_art, work, args, packed_steps, packing=True,
+                                                    mask4d=True),
+        "edgeft_packing_mask4d_full_logits": lambda: edgeft_run(model_dir, data_art, work, args, packed_steps,
+                                                                packing=True, mask4d=True, full_logits=True),
+    }
+    variants = [v for v in VARIANTS if not (args.skip_ablation and "mask4d" in v)]
+    order = interleave(list(BASELINES), variants)
+    runs: dict[str, list] = {name: [] for name in order}
+    orders = []
+    for rep in range(args.repeats):
+        this = order if rep % 2 == 0 else order[::-1]
+        orders.append(this)
+        for name in this:
+            r = {"repeat": rep, **runners[name]()}
+            runs[name].append(r)
+            print(f"[{rep + 1}/{args.repeats}] {name}: {r}", flush=True)
+            gc.collect()
+
+    sides = {name: summarize("baseline" if name in BASELINES else "edgeft", what[name], runs[name])
+             for name in [*BASELINES, *variants]}
+    ratios, per_repeat = ratio_tables(sides, list(BASELINES), variants)
+    report(sides, ratios, per_repeat, pf)
+    wall = round(time.time() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"data": source, "examples": len(examples), "mean_tokens": round(mean_len, 1),
-                               "model": {**CONFIG, "vocab_size": 32000, "params": n_params(model_dir)},
-                               "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}, "batch_size": 8,
-                               "max_length": args.max_length, "torch_threads": torch.get_num_threads(),
-                               "device": "cuda" if torch.cuda.is_available() else "cpu", "results": results},
-                              indent=2) + "\n")
-    print(f"wrote {out}")
+    cfg = SMOKE_CONFIG if args.smoke else CONFIG
+    out.write_text(json.dumps({
+        "smoke": args.smoke, "data": source, "examples": len(examples), "mean_tokens": round(mean_len, 1),
+        "model": {**cfg, "vocab_size": vocab_size(model_dir), "params": n_params(model_dir)},
+        "lora": LORA, "batch_size": BATCH, "max_length": args.max_length, "steps": args.steps,
+        "packed_steps": packed_steps, "repeats": args.repeats, "order": orders,
+        "torch_threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "timing": "end of optimizer step 1 to end of step N (global torch optimizer-step post-hook, same on every "
+                  "side); step 1 is warm-up, excluded on every side; setup, model load, saving excluded",
+        "tokens": "non-padding tokens (summed example lengths) of the batches of steps 2..N, recorded at collation",
+        "ratio": "median tokens/s of the edgeft variant / median tokens/s of the baseline, this run",
+        "padding_free_check": pf, "sides": sides, "ratios": ratios, "ratios_per_repeat": per_repeat,
+        "wall_s": wall}, indent=2) + "\n")
+    print(f"wall time {wall:.0f} s; wrote {out}")
 
 
-def build_model(out: Path) -> Path:
-    """The 58M Llama config with seeded random weights and the benchmarks' 32k tokenizer."""
+def interleave(baselines: list, variants: list) -> list:
+    """baseline, variant, baseline, variant, ... then the variants left over."""
+    out = []
+    for i in range(max(len(baselines), len(variants))):
+        out += baselines[i:i + 1] + variants[i:i + 1]
+    return out
+
+
+def summarize(kind: str, what: str, runs: list) -> dict:
+    """Median tokens/s over the repeats, its min/max and spread ((max - min) / median)."""
+    rates = [r["tokens_per_s"] for r in runs]
+    med = round(statistics.median(rates), 1)
+    return {"kind": kind, "what": what, "steps": runs[0]["steps"], "timed_steps": runs[0]["timed_steps"],
+            "tokens_per_s": med, "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates),
+            "spread_pct": round(100 * (max(rates) - min(rates)) / med, 1),
+            "padding_share": runs[0]["padding_share"], "runs": runs}
+
+
+def ratio_tables(sides: dict, baselines: list, variants: list) -> tuple[dict, dict]:
+    """{variant: {baseline: ratio of the reported medians}}, and the same per repeat (paired runs)."""
+    ratios, per_repeat = {}, {}
+    for v in variants:
+        ratios[v] = {b: round(sides[v]["tokens_per_s"] / sides[b]["tokens_per_s"], 3) for b in baselines}
+        per_repeat[v] = {b: [round(rv["tokens_per_s"] / rb["tokens_per_s"], 3)
+                             for rv, rb in zip(sides[v]["runs"], sides[b]["runs"])] for b in baselines}
+    return ratios, per_repeat
+
+
+def report(sides: dict, ratios: dict, per_repeat: dict, pf: dict) -> None:
+    """The sides (what each is, median tokens/s, spread) and every variant's ratio against every baseline."""
+    print("\nside                               non-pad tok/s (median)   min .. max     spread  padding  steps")
+    for name, s in sides.items():
+        print(f"{name:34s} {s['tokens_per_s']:14.1f} {s['tokens_per_s_min']:12.1f} .. {s['tokens_per_s_max']:<9.1f}"
+              f"{s['spread_pct']:5.1f}% {s['padding_share']:8.2f} {s['steps']:4d}")
+    print()
+    for name, s in sides.items():
+        print(f"  {name}: {s['what']}")
+    base = list(next(iter(ratios.values())))
+    print("\nratio (median / median)             " + "".join(f"{b[len('trainer_'):]:>18s}" for b in base))
+    for v, row in ratios.items():
+        print(f"{v:34s} " + "".join(f"{row[b]:17.2f}x" for b in base))
+    print("per-repeat ratios: " + "; ".join(f"{v} vs {b}: {per_repeat[v][b]}" for v in ratios for b in base))
+    print(f"padding-free: {pf['finding']}")
+
+
+class StepClock:
+    """End-of-optimizer-step times (a global torch hook: the same event in Trainer and in edgeft's loop)
+    and per-batch token counts in collation order (batch k is consumed by step k: no grad accumulation)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+        self.batches: list[tuple[int, int]] = []  # (non-padding tokens, tensor positions)
+
+    def __enter__(self):
+        import torch
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        cuda = torch.cuda.is_available()
+
+        def stamp(opt, a, kw) -> None:
+            if cuda:
+                torch.cuda.synchronize()  # the step's kernels have finished, not merely been queued
+            self.ends.append(time.perf_counter())
+
+        self._handle = register_optimizer_step_post_hook(stamp)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+    def batch(self, tokens: int, positions: int) -> None:
+        self.batches.append((tokens, positions))
+
+    def result(self, steps: int) -> dict:
+        """Steps 2..N: their time, their non-padding tokens, tokens/s; padding share over steps 1..N."""
+        if len(self.ends) != steps or len(self.batches) < steps:
+            raise RuntimeError(f"expected {steps} optimizer steps and batches, saw {len(self.ends)} steps and "
+                               f"{len(self.batches)} batches")
+        timed = self.ends[-1] - self.ends[0]
+        tokens = sum(t for t, _ in self.batches[1:steps])
+        real, positions = sum(t for t, _ in self.batches[:steps]), sum(p for _, p in self.batches[:steps])
+        return {"steps": steps, "timed_steps": steps - 1, "timed_s": round(timed, 3), "tokens": tokens,
+                "tokens_per_s": round(tokens / timed, 1), "padding_share": round(1 - real / positions, 3)}
+
+
+def build_model(out: Path, config: dict | None = None, tokenizer: Path | None = None) -> Path:
+    """A Llama of `config` (default: the 58M CONFIG) with seeded random weights and `tokenizer`'s vocab
+    (default: the benchmarks' 32k tokenizer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from benchmarks.common import VOCAB, benchmark_tokenizer
-
     if (out / "config.json").is_file():
         return out
-    tok = benchmark_tokenizer()
+    if tokenizer is None:
+        from benchmarks.common import VOCAB, benchmark_tokenizer
+
+        tokenizer, vocab = benchmark_tokenizer(), VOCAB
+    else:
+        from transformers import AutoTokenizer
+
+        vocab = len(AutoTokenizer.from_pretrained(tokenizer))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                                         rms_norm_eps=1e-5, **CONFIG))
-    model.save_pretrained(out, safe_serialization=True)
-    for f in tok.iterdir():
-        shutil.copy2(f, out / f.name)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                                         rms_norm_eps=1e-5, **(config or CONFIG)))
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for f in Path(tokenizer).iterdir():
+        shutil.copy2(f, tmp / f.name)
+    tmp.rename(out)
     return out
+
+
+def smoke_tokenizer(work: Path) -> Path:
+    """A SMOKE_VOCAB-piece tokenizer (chat template included) trained on the demo manual: seconds, offline."""
+    from edgeft.demo.manual import generate_manual
+    from edgeft.demo.tokenizer import train_tokenizer
+
+    out = work / f"tokenizer-{SMOKE_VOCAB}"
+    if (out / "tokenizer.json").is_file():
+        return out
+    manual = generate_manual(0)
+    texts = [t for t in manual.text().splitlines() if t.strip()]
+    texts += [q for f in manual.facts for q in f.train_questions] + [f.answer for f in manual.facts]
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train_tokenizer(texts, SMOKE_VOCAB, tmp)
+    tmp.rename(out)
+    return out
+
+
+def vocab_size(model_dir: Path) -> int:
+    """The model's vocabulary size from its saved config."""
+    return json.loads((model_dir / "config.json").read_text())["vocab_size"]
 
 
 def n_params(model_dir: Path) -> int:
@@ -142,19 +340,64 @@ def encode(model_dir: Path, data_art, max_length: int) -> list:
     return _examples(PromptFormatter(model_dir), read_jsonl(data_art.path / TRAIN_FILE), max_length)
 
 
-def baseline(model_dir: Path, examples: list, args) -> dict:
-    """transformers Trainer + peft LoRA, batches padded to their longest example, random order."""
+def padding_free_check(model_dir: Path, examples: list, tol: float = 1e-4) -> dict:
+    """Does a DataCollatorWithFlattening row give each example's own logits (no attention across examples)?
+
+    Checked on this model, as Trainer calls it (no attention_mask, no use_cache argument), with the
+    config's default use_cache=True and with use_cache=False.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    picked = sorted(examples[:16], key=lambda e: len(e[0]))
+    picked = [picked[0], picked[len(picked) // 2], picked[-1]]  # three lengths
+    batch = DataCollatorWithFlattening()([{"input_ids": x, "labels": y} for x, y in picked])
+    diffs = {}
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([x]), use_cache=False).logits[0] for x, _ in picked]
+        for use_cache in (True, False):
+            model.config.use_cache = use_cache
+            flat = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+            at, worst = 0, 0.0
+            for ref in alone:
+                worst = max(worst, float((flat[at:at + len(ref)] - ref).abs().max()))
+                at += len(ref)
+            diffs[use_cache] = worst
+    attn = model.config._attn_implementation
+    import transformers
+
+    equivalent = diffs[False] <= tol
+    finding = (f"transformers {transformers.__version__}, attention '{attn}': a flattened row vs each example alone, "
+               f"max |logit diff| {diffs[True]:.2e} with the default use_cache=True "
+               f"({'isolated' if diffs[True] <= tol else 'CROSS-ATTENDS: a DynamicCache disables the packed-sequence mask'}), "
+               f"{diffs[False]:.2e} with use_cache=False "
+               f"({'isolated: block-diagonal mask from position_ids' if equivalent else 'CROSS-ATTENDS'}); "
+               f"the padding-free baseline runs with use_cache=False"
+               + ("" if equivalent else ": NOT equivalent training, reported anyway"))
+    del model
+    gc.collect()
+    return {"transformers": transformers.__version__, "attn_implementation": attn, "tolerance": tol,
+            "max_abs_logit_diff_use_cache_true": diffs[True], "max_abs_logit_diff_use_cache_false": diffs[False],
+            "isolated_with_default_use_cache": diffs[True] <= tol, "equivalent": equivalent, "finding": finding}
+
+
+def trainer_run(model_dir: Path, examples: list, args, mode: str) -> dict:
+    """transformers Trainer + peft LoRA for args.steps optimizer steps; mode: defaults | group_by_length | padding_free."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Trainer, TrainingArguments
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
-                                             target_modules="all-linear"))
-    counts = {"real": 0, "padded": 0}
+    if mode != "defaults":
+        model.config.use_cache = False  # no KV cache in training; padding-free needs it for its packed mask
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=LORA["r"], lora_alpha=LORA["alpha"],
+                                             lora_dropout=0.0, target_modules=LORA["target_modules"]))
+    clock = StepClock()
+    flatten = DataCollatorWithFlattening()
 
-    def collate(rows):
+    def padded(rows):
         n = max(len(r["input_ids"]) for r in rows)
         ids = torch.zeros((len(rows), n), dtype=torch.long)
         labels = torch.full((len(rows), n), -100, dtype=torch.long)
@@ -162,46 +405,76 @@ def baseline(model_dir: Path, examples: list, args) -> dict:
         for i, r in enumerate(rows):
             k = len(r["input_ids"])
             ids[i, :k], labels[i, :k], mask[i, :k] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-        counts["real"] += int(mask.sum())
-        counts["padded"] += mask.numel()
+        clock.batch(int(mask.sum()), mask.numel())
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def flattened(rows):
+        batch = flatten(rows)
+        n = sum(len(r["input_ids"]) for r in rows)
+        clock.batch(n, batch["input_ids"].numel())
+        return batch
 
     ds = [{"input_ids": x, "labels": y} for x, y in examples]
     with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=8, max_steps=args.steps,
+        targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=args.steps,
                                   learning_rate=args.lr, warmup_ratio=0.03, lr_scheduler_type="cosine",
                                   weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", save_strategy="no",
-                                  report_to=[], logging_steps=max(1, args.steps // 4), use_cpu=not torch.cuda.is_available(),
-                                  dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, seed=0)
-        trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=collate)
-        t0 = time.time()
-        out = trainer.train()
-        wall = time.time() - t0
+                                  report_to=[], logging_steps=max(1, args.steps // 4),
+                                  use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+                                  remove_unused_columns=False, disable_tqdm=True, seed=0,
+                                  group_by_length=mode == "group_by_length")
+        trainer = Trainer(model=model, args=targs, train_dataset=ds,
+                          data_collator=flattened if mode == "padding_free" else padded)
+        with clock:
+            out = trainer.train()
+    del trainer, model
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    r = {"tokens": counts["real"], "train_s": round(wall, 2), "tokens_per_s": round(counts["real"] / wall, 1),
-         "padding_share": round(1 - counts["real"] / counts["padded"], 3), "steps": args.steps,
-         "final_loss": round(out.training_loss, 4), "peak_cuda_mb": peak}
-    print(f"baseline Trainer: {r}", flush=True)
-    return r
+    return {**clock.result(args.steps), "final_loss": round(out.training_loss, 4), "peak_cuda_mb": peak}
 
 
-def edgeft(model_dir: Path, data_art, work: Path, args, steps: int, packing: bool) -> dict:
+@contextmanager
+def _ablation(mask4d: bool, full_logits: bool):
+    """edgeft with packed rows carrying a 4D mask (no varlen) and/or the model's own full-vocabulary loss."""
+    from edgeft.training import batching
+
+    saved = batching.use_varlen, batching._PLAIN_HEAD_TYPES
+    try:
+        if mask4d:
+            batching.use_varlen = lambda model: None
+        if full_logits:
+            batching._PLAIN_HEAD_TYPES = ()
+        yield
+    finally:
+        batching.use_varlen, batching._PLAIN_HEAD_TYPES = saved
+
+
+def edgeft_run(model_dir: Path, data_art, work: Path, args, steps: int, packing: bool, mask4d: bool = False,
+               full_logits: bool = False) -> dict:
     """The edgeft train stage (LoRA r=16 all-linear) for `steps` optimizer steps of batch 8."""
     from edgeft.stages import train
+    from edgeft.training import loop
 
-    cfg = train.Config(method="lora", lora_r=16, lora_alpha=32, target_modules="all-linear", batch_size=8,
-                       max_length=args.max_length, lr=args.lr, max_steps=steps, packing=packing, eval_samples=0,
-                       log_every=1, seed=0)
+    cfg = train.Config(method="lora", lora_r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["target_modules"],
+                       batch_size=BATCH, max_length=args.max_length, lr=args.lr, max_steps=steps, packing=packing,
+                       eval_samples=0, log_every=1, seed=0)
     out = work / f"train-{'packed' if packing else 'grouped'}-{time.time_ns()}"
-    art = train.run(str(model_dir), cfg, out, data=data_art)
-    m = art.metrics
-    shutil.rmtree(out, ignore_errors=True)
-    rows = steps * 8
-    r = {"tokens": m["tokens"], "train_s": m["train_s"], "tokens_per_s": m["tokens_per_s"], "steps": steps,
-         "final_loss": m["train_loss"], "peak_cuda_mb": m.get("peak_cuda_mb"),
-         "padding_share": round(1 - m["tokens"] / (rows * args.max_length), 3) if packing else None}
-    print(f"edgeft packing={packing}: {r}", flush=True)
-    return r
+    clock = StepClock()
+    collate = loop._collate
+
+    def counted(*a, **kw):
+        batch, n_tok = collate(*a, **kw)
+        clock.batch(n_tok, batch["input_ids"].numel())
+        return batch, n_tok
+
+    loop._collate = counted
+    try:
+        with _ablation(mask4d, full_logits), clock:
+            m = train.run(str(model_dir), cfg, out, data=data_art).metrics
+    finally:
+        loop._collate = collate
+        shutil.rmtree(out, ignore_errors=True)
+    return {**clock.result(steps), "final_loss": m["train_loss"], "peak_cuda_mb": m.get("peak_cuda_mb"),
+            "loop_tokens_per_s": m["tokens_per_s"]}
 
 
 if __name__ == "__main__":

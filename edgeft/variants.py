@@ -55,16 +55,16 @@ def _onnx(quant, bpw, bar_key=None, min_top1=None):
     return Variant("onnx", quant, bpw, ONNXRUNTIME, bar_key, min_top1)
 
 
-# Listed widest first within a format; the ONNX order is also the order export_onnx produces them in.
+# Our writer's GGUF types, then llama.cpp's quantizer's; the ONNX order is the order export_onnx produces them in.
 VARIANTS = {v.key: v for v in (
     _gguf("f32", 32.0, "F32", 0),
     _gguf("f16", 16.0, "F16", 1),
     _gguf("bf16", 16.0, "BF16", 32),
     _gguf("q8_0", 8.5, "Q8_0", 7, "min_top1_q8_0", 0.99),  # 32 int8 + one fp16 scale per block
-    _gguf("q6_k", 6.5625, "Q6_K", 18, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q6_K"),
-    _gguf("q5_k_m", 5.69, "Q5_K", 17, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q5_K_M"),  # llama.cpp's mix:
-    _gguf("q4_k_m", 4.89, "Q4_K", 15, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q4_K_M"),  # attn_v/ffn_down wider
     _gguf("q4_0", 4.5, "Q4_0", 2, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q4_0"),  # 32 4-bit + an fp16 scale
+    _gguf("q4_k_m", 4.89, "Q4_K", 15, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q4_K_M"),  # K-quant mixes:
+    _gguf("q5_k_m", 5.69, "Q5_K", 17, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q5_K_M"),  # llama.cpp widens
+    _gguf("q6_k", 6.5625, "Q6_K", 18, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q6_K"),  # attn_v, ffn_down
     _onnx("fp32", 32.0),
     _onnx("fp16", 16.0, "min_top1_fp16", 0.99),
     _onnx("int8", 8.0, "min_top1_int8", 0.99),  # per-channel scales are negligible; the embedding Gather too
