@@ -38,13 +38,35 @@ def gguf_files(tiny_llama_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow  # four CLI runs and their llama.cpp workers: ~40 s on a busy 2-core box
-def test_cli_bench_runs_with_torch_unimportable(tmp_path, gguf_files, tiny_llama_dir, tiny_qa_jsonl):
+def _torch_free_env(tmp_path) -> dict:
+    """An environment where any import of torch or transformers, in the CLI or a worker, fails."""
     block = tmp_path / "block"
-    for name in ("torch", "transformers"):  # any import of these, in the CLI or a worker, fails
+    for name in ("torch", "transformers"):
         (block / name).mkdir(parents=True)
         (block / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the device')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), str(REPO)])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), str(REPO)])}
+
+
+def test_cli_bench_select_runs_with_torch_unimportable(tmp_path, gguf_files, tiny_llama_dir, tiny_qa_jsonl):
+    """Fast half of the test below: one torch-free `edgeft bench --select` of two GGUF files, one prompt."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "edgeft.cli", "bench", str(gguf_files / "model-f32.gguf"),
+           str(gguf_files / "model-f16.gguf"), "--tokenizer", str(tiny_llama_dir), "--eval", str(tiny_qa_jsonl),
+           "--out", str(out), "--samples", "1", "--repeats", "1", "--profile", "tiny",
+           "--set", "profile.context_length=128", "--select", "--reference-score", "0",
+           "--set", "profile.memory_budget_gb=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_torch_free_env(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in records] == ["gguf-f32", "gguf-f16"]
+    assert records[0]["agreement_reference"] and records[1]["top1_agreement"] >= 0.9
+    assert records[1]["size_bytes"] < records[0]["size_bytes"]
+    assert "selected: gguf-f16" in proc.stdout  # the smaller of two equally accurate files
+
+
+@pytest.mark.slow  # four CLI runs and their llama.cpp workers: ~40 s on a busy 2-core box
+def test_cli_bench_runs_with_torch_unimportable(tmp_path, gguf_files, tiny_llama_dir, tiny_qa_jsonl):
+    env = _torch_free_env(tmp_path)
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "edgeft.cli", "bench", str(gguf_files / "model-f32.gguf"),
            str(gguf_files / "model-f16.gguf"), "--tokenizer", str(tiny_llama_dir), "--eval", str(tiny_qa_jsonl),

@@ -20,6 +20,22 @@ def test_samples_hold_timing_lengths_and_perplexity_windows(tiny_llama_dir, tiny
     assert all(w[0] == s["bos_id"] for w in s["ppl_items"])
 
 
+def test_gguf_f32_matches_torch_reference_on_one_prompt(tiny_llama_dir, tiny_qa_jsonl, tmp_path):
+    """Fast half of the test below, the same strict parity on one prompt: the bench's torch worker and its
+    llama.cpp worker, fed the same F32 weights, agree on every teacher-forced top-1, on the greedy answer,
+    and in KL (< 1e-4) and perplexity (rel 1e-3)."""
+    from edgeft.gguf import writer as gguf_writer
+
+    gguf_writer.convert(tiny_llama_dir, tmp_path / "m-f32.gguf", "f32")
+    cfg = Config(max_samples=1, max_new_tokens=8, n_ctx=64, warmup=0, repeats=1, prompt_lengths=(8,),
+                 decode_tokens=4, ppl_tokens=32, kv_cache_type="f32", threads=1)
+    variants = [Target("tuned", "torch", "fp32", str(tiny_llama_dir)),
+                Target("gguf-f32", "gguf", "f32", str(tmp_path / "m-f32.gguf"))]
+    ref, g = run_bench(variants, load_records(tiny_qa_jsonl), tiny_llama_dir, cfg, tmp_path / "work", HELDOUT)
+    assert g["top1_agreement"] == 1.0 and g["kld"] < 1e-4 and g["greedy_match"] == 1.0
+    assert g["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-3)
+
+
 @pytest.mark.slow  # torch + llama.cpp worker processes: ~20 s idle, ~50 s on a busy 2-core box
 def test_gguf_f32_matches_torch_reference(tiny_llama_dir, tiny_qa_jsonl, tmp_path):
     from edgeft.gguf import writer as gguf_writer

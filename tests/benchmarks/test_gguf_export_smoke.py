@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PER_RUN = ("seconds", "peak_rss_mib", "import_s", "import_rss_mib")
@@ -19,7 +18,6 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0)
 
 
-@pytest.mark.slow
 def test_smoke_reports_sides_imports_and_consistent_ratios(tmp_path):
     out = tmp_path / "ge.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

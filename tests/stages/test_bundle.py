@@ -63,10 +63,15 @@ def test_bundle_contents(tiny_bundle, tiny_run):
     records = json.loads((tiny_bundle / "report.json").read_text())
     names = {r["name"] for r in records}
     assert {"tuned", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "onnx-fp32", "onnx-int8"} <= names
-    # the gate's choice: the smallest deployable variant within the budgets
-    from edgeft.bench.select import select
-
-    assert select(records, cheap("tiny"))["name"] == var["name"] == spec["selected"]["name"]
+    # the gate's choice, worked out by hand from the measured records: cheap() turns the accuracy budget off
+    # and every variant of the tiny model needs far less than the 2 GiB budget, so the smallest deployable
+    # file is the one: q4_k_m (~4.5 bits per weight) below int8, q8_0, f16 and fp32
+    deployable = [r for r in records if r["format"] in ("gguf", "onnx")]
+    assert len(deployable) == 5 and all(0 < r["peak_rss_mb"] < 2 * 1024 for r in deployable)
+    smallest = min(deployable, key=lambda r: r["size_bytes"])
+    assert var["name"] == spec["selected"]["name"] == smallest["name"] == "gguf-q4_k_m"
+    assert sorted(r["size_bytes"] for r in deployable)[1] > smallest["size_bytes"]  # no tie decided it
+    assert spec["selected"]["size_bytes"] == smallest["size_bytes"]
     assert spec["preflight"]["chosen"]["fits"] and spec["preflight"]["chosen"]["variant"] == \
         f"{var['format']}:{var['quant']}"
     assert os.stat(tiny_bundle / BUNDLE_RUNNER).st_mode & stat.S_IXUSR
@@ -74,6 +79,28 @@ def test_bundle_contents(tiny_bundle, tiny_run):
     assert "pip install 'edgeft[device]'" in readme and var["name"] in readme and "tok/s" in readme
     assert not list(tiny_bundle.parent.glob(".tmp-*"))  # nothing half-written beside it
     assert (tiny_run / "export-tiny" / "bench" / MANIFEST_NAME).is_file()
+
+
+def test_the_gate_on_the_bundles_records_with_accuracy_and_memory_perturbed(tiny_bundle):
+    """The measured report records, perturbed so the budgets bite: the expected choice is worked out by hand."""
+    from edgeft.bench.select import select
+
+    records = json.loads((tiny_bundle / "report.json").read_text())
+    deployable = sorted((r for r in records if r["format"] in ("gguf", "onnx")), key=lambda r: r["size_bytes"])
+    first, second, third = (r["name"] for r in deployable[:3])
+    prof = cheap("tiny", accuracy_budget="0.9")  # needs 0.9 * 0.5 = 0.45 rouge_l
+
+    def perturbed(rouge: dict, rss: dict) -> list[dict]:
+        return [{**r, "rouge_l": rouge.get(r["name"], 0.5), "peak_rss_mb": rss.get(r["name"], r["peak_rss_mb"])}
+                for r in records]
+
+    assert select(perturbed({}, {}), prof)["name"] == first  # all keep 100%: the smallest
+    assert select(perturbed({first: 0.44}, {}), prof)["name"] == second  # 88% kept < 90%: refused
+    assert select(perturbed({first: 0.45}, {}), prof)["name"] == first  # exactly 90%: kept
+    over = prof.memory_budget_gb * 1024 + 1
+    assert select(perturbed({first: 0.44}, {second: over}), prof)["name"] == third  # 1 MiB over the budget
+    with pytest.raises(UserError, match=f"closest miss {first}: rouge_l 0.4400 < 0.4500 needed"):
+        select(perturbed({r["name"]: 0.44 for r in deployable}, {}), prof)
 
 
 def test_export_rerun_is_skipped(tiny_bundle, tiny_run, capsys):
@@ -119,6 +146,47 @@ def test_export_every_profile(name, tiny_run, tmp_path):
     assert spec["runtime"]["n_gpu_layers"] == prof.n_gpu_layers
     assert spec["runtime"]["onnx_provider"] == prof.onnx_provider
     assert spec["runtime"]["n_ctx"] == min(prof.context_length, 512)  # capped at the model's positions
+    artifact.load(bundle.path, kind="bundle")
+
+
+@pytest.fixture(scope="module")
+def shared_work(tmp_path_factory) -> Path:
+    """One work dir for the fast profile exports: the one GGUF rung they share is built once, then skipped."""
+    return tmp_path_factory.mktemp("profiles-work")
+
+
+@pytest.mark.parametrize("name", [n for n in profile.names() if n != "tiny"])
+def test_export_every_profile_one_rung(name, tiny_run, shared_work, tmp_path, monkeypatch):
+    """Fast half of test_export_every_profile: each shipped profile exports the tiny model through one rung of
+    its own ladder (gguf:q4_k_m, in every shipped ladder), benched briefly on one prompt, gated and bundled
+    with the profile's runtime settings; the full ladders are the slow test's."""
+    import functools
+
+    from edgeft.bench.harness import Config as BenchConfig
+    from edgeft.stages import bench as bench_stage
+    from edgeft.stages.bundle import Config as BundleConfig
+    from edgeft.stages.bundle import run as export_bundle
+
+    full = profile.load(name)
+    assert "gguf:q4_k_m" in profile.ladder(full) and full.accuracy_budget > 0  # the real profile gates
+    prof = cheap(name, gguf="q4_k_m", onnx="", ladder="gguf:q4_k_m", bench_samples="1")
+    # the measurement's own lengths (not profile keys): one short timed run, no perplexity
+    monkeypatch.setattr(bench_stage, "Config", functools.partial(
+        BenchConfig, warmup=0, repeats=1, decode_tokens=4, max_new_tokens=4, prompt_lengths=(8,), ppl_tokens=0))
+    bundle = export_bundle(tiny_run, BundleConfig(profile=prof), tmp_path / name, work=shared_work)
+    spec = json.loads((bundle.path / BUNDLE_FILE).read_text())
+    assert spec["profile"]["name"] == name
+    records = json.loads((bundle.path / "report.json").read_text())
+    assert [(r["name"], r["threads_requested"]) for r in records] == [("tuned", 1), ("gguf-q4_k_m", 1)]
+    assert spec["variant"]["name"] == "gguf-q4_k_m" and (bundle.path / spec["variant"]["path"]).is_file()
+    assert spec["runtime"]["n_gpu_layers"] == full.n_gpu_layers
+    assert spec["runtime"]["onnx_provider"] == full.onnx_provider
+    assert spec["runtime"]["kv_cache_type"] == full.kv_cache_type
+    assert spec["runtime"]["n_ctx"] == min(full.context_length, 512)  # capped at the model's positions
+    bench_params = artifact.read_manifest(shared_work / "bench")["params"]  # the profile's device figures
+    assert bench_params["bandwidth_gbs"] == full.bandwidth_gbs and bench_params["kv_cache_type"] == full.kv_cache_type
+    assert bench_params["memory_budget_gb"] == full.memory_budget_gb
+    assert bench_params["n_ctx"] == spec["runtime"]["n_ctx"]
     artifact.load(bundle.path, kind="bundle")
 
 

@@ -150,6 +150,41 @@ def test_bad_settings_are_refused():
 
 
 @pytest.mark.integration
+def test_pipeline_prunes_distills_exports_and_benches_the_shrunk_model_quickly(tmp_path, monkeypatch, tiny_llama_dir):
+    """Fast half of the test below, the same chain on the random tiny Llama as base instead of the embedded
+    pretrain + QLoRA + merge: train (1 full step) -> prune -> distill (1 step) -> GGUF of both -> one bench
+    table (one prompt) naming the shrunk variants."""
+    import json
+
+    from edgeft import pipeline, profile
+
+    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
+    repo = Path(__file__).resolve().parents[2]
+    recipe = pipeline.load_recipe(repo / "recipes" / "tiny.yaml", {
+        "base.model": str(tiny_llama_dir), "train.method": "full", "train.max_steps": "1", "train.batch_size": "4",
+        "train.max_length": "64", "train.eval_samples": "0",
+        "prune.ratio": "0.5", "prune.candidates": "1", "prune.calib_samples": "8", "prune.max_length": "64",
+        "distill.max_steps": "1", "distill.batch_size": "4", "distill.max_length": "64",
+        "distill.eval_samples": "0", "distill.top_k": "16",
+        "bench.max_new_tokens": "4", "bench.warmup": "0", "bench.repeats": "1", "bench.decode_tokens": "4",
+        "bench.prompt_lengths": "8", "bench.ppl_tokens": "0", "export_gguf.parity_samples": "4"})
+    prof = profile.load("tiny", {"gguf": "f16", "onnx": "", "ladder": "gguf:f16", "bench_samples": "1", "threads": "1"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: a second thread only spins on a busy 2-core box (14 s -> 0.5 s export)
+    try:
+        arts = pipeline.run(recipe, prof, tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)
+    assert arts["prune"].metrics["params_after"] < 0.55 * arts["prune"].metrics["params_before"]
+    assert arts["prune"].manifest["parent"]["stage"] == "train"
+    assert arts["distill"].manifest["parent"]["stage"] == "prune"
+    assert (tmp_path / "run" / "gguf-distill" / "model-f16.gguf").is_file()
+    assert arts["export_gguf_distill"].manifest["parent"]["id"] == arts["distill"].id
+    names = [r["name"] for r in json.loads((tmp_path / "run" / "bench" / "report.json").read_text())]
+    assert names == ["base", "tuned", "prune", "distill", "gguf-f16", "distill-gguf-f16"]
+
+
+@pytest.mark.integration
 @pytest.mark.slow  # a whole tiny chain (base, QLoRA, merge) before the shrink: minutes on 2 cores
 def test_tiny_pipeline_prunes_distills_exports_and_benches_the_shrunk_model(tmp_path, monkeypatch):
     """merge -> prune -> distill -> GGUF + ONNX of both models -> one bench table naming the shrunk variants."""

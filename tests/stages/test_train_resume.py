@@ -38,10 +38,10 @@ def data_art(tmp_path_factory, tiny_qa_jsonl):
     return data.run(None, data.Config(train=str(tiny_qa_jsonl), eval=""), tmp_path_factory.mktemp("d") / "data")
 
 
-def _child(model, data_art, out, kill_at):
-    env = {**os.environ, "PYTHONPATH": str(train.Path(train.__file__).parents[2])}
+def _child(model, data_art, out, kill_at, cfg=CFG, env=None):
+    env = {**os.environ, "PYTHONPATH": str(train.Path(train.__file__).parents[2]), **(env or {})}
     return subprocess.run([sys.executable, "-c", CHILD, str(model), str(data_art.path), str(out), str(kill_at),
-                           repr(CFG)], env=env, capture_output=True, text=True, timeout=300)
+                           repr(cfg)], env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,40 @@ def test_resume_after_interruption_in_process(tiny_llama_dir, data_art, ref, tmp
     assert not out.exists() and checkpoint.latest(tmp_path / f"t{CKPT_SUFFIX}").name == "step-6"
     train.run(str(tiny_llama_dir), train.Config(**CFG), out, data=data_art)
     _same_run(ref, out)
+
+
+# the fast kill test: 6 steps, checkpoints at 2 and 4, killed before step 5; one torch thread in every
+# process (the same reduction order everywhere, and no spinning second thread on a busy 2-core box)
+FAST = dict(CFG, max_steps=6, save_every=2, eval_every=3)
+
+
+def test_resume_in_process_after_a_sigkilled_child_matches_uninterrupted_run(tiny_llama_dir, data_art, tmp_path,
+                                                                             monkeypatch):
+    """Fast half of the test below: a child SIGKILLed before its 5th optimizer step (no cleanup, no finally),
+    then the rerun, here, resumes from its step-4 checkpoint and ends bit-identical to an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = train.run(str(tiny_llama_dir), train.Config(**FAST), tmp_path / "ref" / "train", data=data_art)
+        out = tmp_path / "killed"
+        first = _child(tiny_llama_dir, data_art, out, kill_at=5, cfg=FAST, env={"OMP_NUM_THREADS": "1"})
+        assert first.returncode == -9, first.stderr[-2000:]
+        assert not (out / "manifest.json").exists()
+        ckpt = checkpoint.latest(tmp_path / f"killed{CKPT_SUFFIX}")
+        assert ckpt is not None and ckpt.name == "step-4"
+        train.run(str(tiny_llama_dir), train.Config(**FAST), out, data=data_art)
+    finally:
+        torch.set_num_threads(threads)
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["resumed_from_step"] == 4 and metrics["steps_run"] == 6
+    assert metrics["loss_curve"] == json.loads(json.dumps(ref.metrics["loss_curve"]))
+    assert metrics["eval_curve"] == json.loads(json.dumps(ref.metrics["eval_curve"]))
+    a = load_file(ref.path / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not out.with_name(out.name + CKPT_SUFFIX).exists() and not list(tmp_path.glob(".tmp-killed-*"))
 
 
 @pytest.mark.slow
