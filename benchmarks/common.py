@@ -205,5 +205,43 @@ def smoke_tokenizer() -> Path:
     return out
 
 
+
+def build_smoke_run(run: str | Path) -> Path:
+    """A run dir like `edgeft run` leaves (tests/conftest.py's make_tiny_run): the embedded data artifact and
+    the SMOKE_MODEL random-weight Llama as its tuned (merge) hf artifact, in seconds; returns the run dir."""
+    from edgeft import artifact
+    from edgeft.stages import data
+
+    run = Path(run)
+    data.run(None, data.Config(), run / "data")
+
+    def payload(staging: Path) -> dict:
+        build_smoke_model(staging)
+        return {}
+
+    artifact.build(run / "merge", kind="hf", stage="merge", params={"model": "smoke", **SMOKE_MODEL,
+                                                                   "weights": "random"},
+                   parent=None, payload=payload)
+    return run
+
+
+def build_smoke_bundle(work: str | Path, max_new_tokens: int = 16) -> tuple[Path, Path]:
+    """A GGUF q8_0 bundle (profile tiny, one thread) of build_smoke_run's model under `work`, as tests/test_ask.py
+    builds one: (bundle dir, data artifact dir). Random weights, so the export's top-1 bars and the bench's
+    accuracy gate are off; answers are capped at `max_new_tokens`."""
+    from edgeft import profile
+    from edgeft.stages.bundle import Config as BundleConfig
+    from edgeft.stages.bundle import run as export_bundle
+
+    work = Path(work)
+    run = build_smoke_run(work / "run")
+    prof = profile.load("tiny", {"gguf": "q8_0", "onnx": "", "bench_samples": "2", "accuracy_budget": "0",
+                                 "threads": "1"})
+    params = {"export_gguf": {"min_top1_q8_0": 0.0, "min_top1_quant": 0.0, "parity_samples": 4}}
+    art = export_bundle(run, BundleConfig(profile=prof, stage_params=params, max_new_tokens=max_new_tokens),
+                        work / "bundle")
+    return art.path, run / "data"
+
+
 if __name__ == "__main__":
     print(build_random_model(sys.argv[1], sys.argv[2]))

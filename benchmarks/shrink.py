@@ -10,6 +10,14 @@ the tuned teacher's, and its size as a ratio to the fp16 tuned model. Target (is
 teacher's accuracy with an artifact >= 6x smaller. Prints a table and writes JSON; it never asserts.
 
     flock /tmp/edgeft-heavy.lock .venv/bin/python benchmarks/shrink.py [--run runs/demo] [--ratios 0.25,0.5]
+
+--smoke: no demo run. The teacher is the benchmarks' tiny RANDOM-WEIGHT Llama (benchmarks.common.build_smoke_model,
+saved fp16 as the merge artifact of a run dir under OUT, the way tests build a tuned model), the data a
+64-example slice of the embedded train split (16 eval), one ratio (0.5), 1 distillation epoch, 4 eval
+prompts, 8 new tokens, the export gate's top-1 bars off (random weights): every step of the full run in
+seconds. Its accuracies (and their shares of the teacher's) say nothing; its sizes are the tiny model's.
+
+    .venv/bin/python benchmarks/shrink.py --smoke [--out DIR]
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +33,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 METRICS = ("key_fact", "rouge_l", "exact_match")
+# --smoke: examples of the embedded split kept (train, eval), and the run's sizes
+SMOKE_TRAIN, SMOKE_EVAL = 64, 16
+SMOKE = dict(ratios="0.5", epochs=1.0, samples=4, candidates=2, calib_samples=16, max_new_tokens=8,
+             decode_tokens=8, prompt_lengths=(16,), parity_samples=4)
+FULL = dict(candidates=4, calib_samples=128, max_new_tokens=40, decode_tokens=16, prompt_lengths=(32,))
 
 
 def ensure_tuned(run: Path):
@@ -38,14 +52,67 @@ def ensure_tuned(run: Path):
     return tuned, arts["data"]
 
 
+def smoke_tuned(run: Path):
+    """--smoke: a run dir holding a slice of the embedded data and the tiny random-weight model (fp16) as
+    its merge artifact, built in seconds (as tests/conftest.py's make_tiny_run does)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks.common import SMOKE_MODEL, build_smoke_model
+    from edgeft import artifact
+    from edgeft.demo.manual import write_embedded_data
+    from edgeft.records import read_jsonl, write_jsonl
+    from edgeft.stages import data
+
+    src = run / "embedded"
+    src.mkdir(parents=True, exist_ok=True)
+    write_embedded_data(src, 0)
+    write_jsonl(src / "train-smoke.jsonl", read_jsonl(src / "train.jsonl")[:SMOKE_TRAIN])
+    write_jsonl(src / "eval-smoke.jsonl", read_jsonl(src / "eval.jsonl")[:SMOKE_EVAL])
+    data_art = data.run(None, data.Config(train=str(src / "train-smoke.jsonl"), eval=str(src / "eval-smoke.jsonl"),
+                                          format="qa", manual=str(src / "manual.txt")), run / "data")
+
+    def payload(staging: Path) -> dict:
+        with tempfile.TemporaryDirectory(prefix=artifact.scratch_prefix(run / "merge"), dir=run) as tmp:
+            model = build_smoke_model(Path(tmp) / "model")
+            for f in model.iterdir():
+                if f.name != "model.safetensors":
+                    shutil.copy2(f, staging / f.name)
+            tensors = load_file(str(model / "model.safetensors"))
+            save_file({k: v.to(torch.float16) for k, v in tensors.items()}, str(staging / "model.safetensors"),
+                      metadata={"format": "pt"})
+        return {}
+
+    tuned = artifact.build(run / "merge", kind="hf", stage="merge", params={"model": "smoke", **SMOKE_MODEL,
+                                                                           "weights": "random", "dtype": "float16"},
+                           parent=None, payload=payload)
+    print("teacher (--smoke, random weights): "
+          + " <- ".join(f"{a.stage} {a.id}" for a in artifact.lineage(tuned.path)), flush=True)
+    return tuned, data_art
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, default=REPO / "runs" / "demo", help="demo run dir (built if absent)")
+    ap.add_argument("--run", type=Path, default=None, help="demo run dir (built if absent; default runs/demo)")
     ap.add_argument("--out", type=Path, default=None, help="work dir (default: RUN/shrink-bench)")
     ap.add_argument("--ratios", default="0.25,0.5", help="shares of parameters to prune")
     ap.add_argument("--epochs", type=float, default=12.0, help="distillation epochs over the train split")
     ap.add_argument("--samples", type=int, default=120, help="eval prompts measured (0 = all)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny random-weight teacher built under OUT (no demo run), ratio 0.5, 1 distill epoch, "
+                         "4 eval prompts: exercises every step, measures nothing")
     args = ap.parse_args()
+    p = dict(FULL)
+    if args.smoke:
+        p.update(SMOKE)
+        args.ratios, args.epochs, args.samples = p["ratios"], p["epochs"], p["samples"]
+        if args.run is not None:
+            ap.error("--smoke builds its own tiny run under --out: pass no --run")
+        args.out = args.out or Path(tempfile.gettempdir()) / "edgeft-bench-shrink-smoke"
+        args.run = args.out / "smoke-run"
+    args.run = args.run or REPO / "runs" / "demo"
 
     from edgeft.bench.harness import Config as BenchConfig
     from edgeft.bench.harness import Target, run_bench
@@ -53,25 +120,30 @@ def main() -> None:
     from edgeft.records import read_jsonl
     from edgeft.stages import distill, export_gguf, prune
 
-    tuned, data = ensure_tuned(args.run)
+    started = time.time()
+    tuned, data = smoke_tuned(args.run) if args.smoke else ensure_tuned(args.run)
     out = args.out or args.run / "shrink-bench"
     out.mkdir(parents=True, exist_ok=True)
+    # random weights (--smoke): the export gate's top-1 bars would only measure noise; its other checks still run
+    gcfg = (export_gguf.Config(types=("q4_k_m",), parity_samples=p["parity_samples"], min_top1_q8_0=0.0,
+                               min_top1_quant=0.0) if args.smoke else export_gguf.Config(types=("q4_k_m",)))
     fp16_bytes = (tuned.path / "model.safetensors").stat().st_size
     rows, variants, timings = {}, [Target("tuned", "torch", "fp32", str(tuned.path))], {}
-    q4 = export_gguf.run(tuned, export_gguf.Config(types=("q4_k_m",)), out / "tuned-gguf")
+    q4 = export_gguf.run(tuned, gcfg, out / "tuned-gguf")
     variants.append(Target("tuned-q4_k_m", "gguf", "q4_k_m", str(q4.path / "model-q4_k_m.gguf")))
     rows["tuned"] = {"params": tuned_params(tuned.path), "bytes": fp16_bytes}
     rows["tuned-q4_k_m"] = {"params": rows["tuned"]["params"], "bytes": gguf_bytes(q4)}
     for ratio in [float(r) for r in args.ratios.split(",")]:
         tag = f"r{int(ratio * 100)}"
         t0 = time.time()
-        pruned = prune.run(tuned, prune.Config(ratio=ratio, candidates=4, calib_samples=128, max_length=96),
+        pruned = prune.run(tuned, prune.Config(ratio=ratio, candidates=p["candidates"],
+                                               calib_samples=p["calib_samples"], max_length=96),
                            out / f"{tag}-prune", data=data)
         t1 = time.time()
         dcfg = distill.Config(epochs=args.epochs, batch_size=16, lr=3e-3, max_length=96, temperature=1.0, alpha=0.5)
         student = distill.run(pruned, dcfg, out / f"{tag}-distill", data=data, teacher=tuned)
         t2 = time.time()
-        gg = export_gguf.run(student, export_gguf.Config(types=("q4_k_m",)), out / f"{tag}-gguf")
+        gg = export_gguf.run(student, gcfg, out / f"{tag}-gguf")
         timings[tag] = {"prune_s": round(t1 - t0, 1), "distill_s": round(t2 - t1, 1),
                         "distill_steps": student.metrics["steps"], "sizes": pruned.metrics["sizes_after"],
                         "kept_layers": pruned.metrics["kept_layers"]}
@@ -82,8 +154,8 @@ def main() -> None:
         variants += [Target(f"{tag}-pruned", "torch", "fp32", str(pruned.path)),
                      Target(f"{tag}-distilled", "torch", "fp32", str(student.path)),
                      Target(f"{tag}-distilled-q4_k_m", "gguf", "q4_k_m", str(gg.path / "model-q4_k_m.gguf"))]
-    cfg = BenchConfig(max_samples=args.samples, max_new_tokens=40, repeats=1, warmup=0, decode_tokens=16,
-                      prompt_lengths=(32,), ppl_tokens=0)
+    cfg = BenchConfig(max_samples=args.samples, max_new_tokens=p["max_new_tokens"], repeats=1, warmup=0,
+                      decode_tokens=p["decode_tokens"], prompt_lengths=p["prompt_lengths"], ppl_tokens=0)
     records = run_bench(variants, read_jsonl(data.path / EVAL_FILE), tuned.path, cfg, out / "bench-work")
     by = {r["name"]: r for r in records}
     teacher = by["tuned"]
@@ -99,6 +171,10 @@ def main() -> None:
     result = {"run": str(args.run), "teacher_fp16_bytes": fp16_bytes, "samples": args.samples,
               "distill_epochs": args.epochs, "rows": table, "timings": timings, "target": {"accuracy_kept": 0.9,
                                                                                            "smaller": 6.0}}
+    if args.smoke:
+        result.update(smoke=True, teacher="tiny random-weight Llama (benchmarks.common.SMOKE_MODEL), fp16: "
+                                          "accuracies are noise, the run exercises the code path only",
+                      wall_s=round(time.time() - started, 1))
     (out / "shrink.json").write_text(json.dumps(result, indent=2) + "\n")
     cols = ["name", "params", "bytes", "smaller_than_fp16", *METRICS, *(f"{m}_kept" for m in METRICS)]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

@@ -7,6 +7,11 @@ torch.cuda.max_memory_allocated on GPU; step time is the loop's wall time per st
 against `lora` measured in the same run.
 
     flock /tmp/edgeft-heavy.lock .venv/bin/python benchmarks/train_memory.py --out runs/bench/train_memory.json
+
+--smoke: train_throughput.py's tiny model config (hidden 64, 2 layers; random weights, built under WORK/smoke)
+with the benchmarks' cached 1024-piece smoke tokenizer (benchmarks.common.smoke_tokenizer), 2 steps, max_length
+128, every variant still in its own process: every code path in seconds (most of it the four interpreters'
+imports); its numbers say nothing about memory (a fresh interpreter's own footprint dominates).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,14 +43,20 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/edgeft-bench-train")
     ap.add_argument("--out", default="runs/bench/train_memory.json")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 2 steps, max_length 128: exercises every path, measures nothing")
     args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.max_length = 2, 128
     if args.child:
         return child(args)
 
+    started = time.time()
     results = {}
     for name in VARIANTS:
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--data", args.data, "--steps",
-                               str(args.steps), "--max-length", str(args.max_length), "--work", args.work],
+                               str(args.steps), "--max-length", str(args.max_length), "--work", args.work,
+                               *(["--smoke"] if args.smoke else [])],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             results[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -64,8 +76,15 @@ def main() -> None:
               f"{r['step_time_ratio_vs_lora']:7.2f}x {r['trainable_params']:>12,d}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"memory_key": key, "steps": args.steps, "batch_size": 8, "max_length": args.max_length,
-                               "results": results}, indent=2) + "\n")
+    report = {"memory_key": key, "steps": args.steps, "batch_size": 8, "max_length": args.max_length,
+              "results": results}
+    if args.smoke:
+        from benchmarks.train_throughput import SMOKE_CONFIG
+
+        report.update(smoke=True, model={**SMOKE_CONFIG, "weights": "random"},
+                      note="tiny model: the peaks are mostly the interpreter's and libraries' own; measures nothing",
+                      wall_s=round(time.time() - started, 1))
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 
@@ -74,11 +93,17 @@ def child(args) -> None:
     import torch
 
     from benchmarks.common import peak_rss_mib
-    from benchmarks.train_throughput import build_model, data_artifact
+    from benchmarks.train_throughput import SMOKE_CONFIG, build_model, data_artifact
     from edgeft.stages import train
 
     work = Path(args.work)
-    model_dir = build_model(work / "model58m")
+    if args.smoke:
+        work = work / "smoke"
+        from benchmarks.common import smoke_tokenizer
+
+        model_dir = build_model(work / "model-smoke", config=SMOKE_CONFIG, tokenizer=smoke_tokenizer())
+    else:
+        model_dir = build_model(work / "model58m")
     data_art, _ = data_artifact(args.data, work)
     cuda = torch.cuda.is_available()
     cfg = train.Config(**VARIANTS[args.child], max_steps=args.steps, batch_size=8, max_length=args.max_length,

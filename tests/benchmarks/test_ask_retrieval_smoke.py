@@ -1,0 +1,46 @@
+"""benchmarks/ask_retrieval.py --smoke: a tiny bundle built, asked in every retrieval mode; self-consistent
+JSON (never an accuracy check: the model has random weights)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCORES = ("key_fact", "exact_match", "rouge_l")
+
+
+def test_smoke_asks_every_mode_and_reports_consistent_ratios(tmp_path):
+    out = tmp_path / "ar.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "benchmarks/ask_retrieval.py", "--smoke", "--work", str(tmp_path / "work"),
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["smoke"] is True and "random-weight" in rep["model"]
+    assert rep["questions"] == 4 and rep["variant"] == "gguf-q8_0"
+    assert not (tmp_path / "work" / "smoke").exists()  # scratch removed
+
+    res = rep["results"]
+    assert set(res) == {"off", "cite", "prompt"}
+    off, cite, prompt = res["off"], res["cite"], res["prompt"]
+    for mode, r in res.items():
+        assert r["seconds"] >= 0, mode
+    for k in SCORES:
+        for r in (off, prompt):
+            assert 0.0 <= r[k] <= 1.0, k
+        assert k not in cite  # cite's answers are the closed-book ones: not a retrieval result
+        # prompt / off: the quotient of the JSON's own numbers (null when off scored 0)
+        ratio = prompt[f"{k}_vs_off"]
+        if off[k]:
+            assert abs(ratio - prompt[k] / off[k]) <= 5e-4 + 1e-9, k
+        else:
+            assert ratio is None, k
+    assert "passage_has_key" not in off
+    for r in (cite, prompt):
+        assert 0.0 <= r["passage_has_key"] <= 1.0
+    assert cite["same_answer_as_off"] == 1.0  # cite does not change the (greedy) answer
