@@ -292,8 +292,7 @@ def _one_model(name: str, origin: str, model_dir: Path | None, work: Path, p: di
     for v in variants:
         kv_bytes = {"f16": 2, "fp16": 2, "f32": 4, "fp32": 4}[v["kv"]]
         fp = footprint.of_variant(v["fmt"], v["path"], kv_bytes)
-        fix = _gather_block_quantized_untouched(v["path"]) if v["fmt"] == "onnx" else 0
-        weight_bpt = fp.touched_bytes - fix
+        weight_bpt = fp.touched_bytes  # an int4 embedding (GatherBlockQuantized) counts one row per token
         acc = _child(_CHILD, {"mode": "accuracy", "kind": v["kind"], "path": str(v["path"]), "threads": THREADS,
                               "kv_type": GGUF_KV, "reference": str(ref_path), "sequences": seqs,
                               "n_ctx": max(len(s[0]) for s in seqs) + 8})
@@ -304,7 +303,6 @@ def _one_model(name: str, origin: str, model_dir: Path | None, work: Path, p: di
             "kv_cache": v["kv"], "weights": v["weights"], "size_bytes": size, "params": fp.params,
             "weight_bytes_per_token": weight_bpt, "kv_bytes_per_token": fp.kv_bytes_per_pos * ctx,
             "bytes_per_token": weight_bpt + fp.kv_bytes_per_pos * ctx, "decode_context_mean": ctx,
-            "footprint_embedding_correction_bytes": fix,
             "tf_top1_agreement": acc["tf_top1_agreement"], "tf_kld": acc["tf_kld"],
             "tf_positions": acc["tf_positions"], "decode_runs": [], "prefill_runs": [], "peak_rss_mib_runs": [],
             "load_s_runs": []}
@@ -407,31 +405,6 @@ def _onnx_weights(model_dir: Path) -> dict:
             "float_MatMul_with_weights": sum(n.op_type in ("MatMul", "Gemm") and any(x in inits for x in n.input)
                                              for n in m.graph.node),
             "kv_cache": {1: "fp32", 10: "fp16", 16: "bf16"}.get(kv, str(kv))}
-
-
-def _gather_block_quantized_untouched(model_dir: Path) -> int:
-    """Bytes of a GatherBlockQuantized embedding (data + scales + zero points) NOT read for one token.
-
-    edgeft.bench.footprint discounts only a plain Gather's table; an int4 embedding would count as
-    streamed in full (a 1.1b config: ~41 MB of ~650). Tables also used by another node are read whole."""
-    import onnx
-
-    m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
-    inits = {i.name: i for i in m.graph.initializer}
-    others = {x for n in m.graph.node if n.op_type != "GatherBlockQuantized" for x in n.input}
-    untouched = 0
-    for n in m.graph.node:
-        if n.op_type != "GatherBlockQuantized":
-            continue
-        for pos, name in enumerate(n.input):
-            if pos == 1 or name not in inits or name in others:  # input 1: the token ids
-                continue
-            init = inits[name]
-            ext = {e.key: e.value for e in init.external_data}
-            size = int(ext["length"]) if "length" in ext else len(init.raw_data)
-            rows = int(init.dims[0]) if init.dims else 1
-            untouched += size - size // max(rows, 1)
-    return untouched
 
 
 def _print(name: str, res: dict, p: dict) -> None:

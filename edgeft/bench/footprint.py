@@ -99,8 +99,12 @@ def _onnx(model_dir: Path, kv_elem_bytes: int) -> Footprint:
             sizes[init.name] = len(init.raw_data)
         else:
             sizes[init.name] = n * tensor_dtype_to_np_dtype(init.data_type).itemsize
-    gathered = {node.input[0] for node in model.graph.node if node.op_type == "Gather" and node.input[0] in sizes}
-    used_elsewhere = {i for node in model.graph.node if node.op_type != "Gather" for i in node.input}
+    # embedding tables read one row per token: a Gather's data, a GatherBlockQuantized's data, scales and
+    # zero points (int4 embeddings); input 1 of both is the token ids
+    gathers = [n for n in model.graph.node if n.op_type in _GATHER_OPS]
+    gathered = {x for n in gathers for pos, x in enumerate(n.input)
+                if x in sizes and (pos == 0 or (pos > 1 and n.op_type == "GatherBlockQuantized"))}
+    used_elsewhere = {i for node in model.graph.node if node.op_type not in _GATHER_OPS for i in node.input}
     total = sum(sizes.values())
     touched = total
     for name in gathered - used_elsewhere:  # an embedding table only gathered from: one row per token
@@ -109,6 +113,9 @@ def _onnx(model_dir: Path, kv_elem_bytes: int) -> Footprint:
         touched -= sizes[name] - sizes[name] // max(rows, 1)
     return Footprint(params=_params_from_config(cfg) or sum(elems.values()), weight_bytes=total,
                      touched_bytes=touched, kv_bytes_per_pos=kv)
+
+
+_GATHER_OPS = ("Gather", "GatherBlockQuantized")
 
 
 def _torch(model_dir: Path, kv_elem_bytes: int) -> Footprint:

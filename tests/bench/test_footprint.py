@@ -60,3 +60,27 @@ def test_onnx_gathered_table_counts_one_row(tmp_path):
     assert f.kv_bytes_per_pos == 2 * 1 * 1 * 16 * 4
     # params from the config: embed + 1 layer (q,o 32x32; k,v 32x16; mlp 3*32*48; 2 norms) + norm + head
     assert f.params == v * h + (2 * h * h + 2 * h * 16 + 3 * h * 48 + 2 * h) + h + v * h
+
+
+def test_onnx_int4_embedding_counts_one_row(tmp_path):
+    """GatherBlockQuantized (int4 embeddings): data, scales and zero points are read one row per token."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    v, h, block = 64, 32, 32
+    data = numpy_helper.from_array(np.zeros((v, h // 2), np.uint8), "emb_q")  # 2 int4 per byte
+    scales = numpy_helper.from_array(np.ones((v, h // block), np.float32), "emb_s")
+    w = numpy_helper.from_array(np.zeros((h, v), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("GatherBlockQuantized", ["emb_q", "ids", "emb_s"], ["x"], domain="com.microsoft",
+                          block_size=block, gather_axis=0, quantize_axis=1),
+         helper.make_node("MatMul", ["x", "w"], ["logits"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, v])], [data, scales, w])
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "hidden_size": h, "vocab_size": v, "intermediate_size": 48, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": False}))
+    f = F.of_variant("onnx", tmp_path, kv_elem_bytes=4)
+    assert f.weight_bytes == v * h // 2 + v * 4 + h * v * 4
+    assert f.touched_bytes == h // 2 + 4 + h * v * 4  # one row of data and of scales + the whole matrix
