@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -199,4 +200,55 @@ def make_adapter(base_dir: Path, out: Path, **lora_kwargs) -> Path:
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     peft_model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+# The ONNX export fixtures (tests/stages/test_export_onnx.py, tests/onnx/test_int4.py), built once per session.
+# random weights give flat logits (top-1 agreement int8 ~0.85, int4 ~0.5): the gates' minimums are
+# tested on their own below, the export fixtures switch them off
+NO_MIN = {"min_top1_fp16": 0.0, "min_top1_int8": 0.0, "min_top1_int4": 0.0}
+
+PROMPTS = ("Question: What is the torque for the wheel bolts?\nAnswer:", "The pump",
+           "Error code E12 means", "Replace the filter every")
+N_NEW = 24
+
+
+def _hf_artifact(root, model_dir):
+    from edgeft import artifact
+
+    return artifact.build(root / "hf", kind="hf", stage="train", params={}, parent=None,
+                          payload=lambda d: shutil.copytree(model_dir, d, dirs_exist_ok=True) and {})
+
+
+@pytest.fixture(scope="session")
+def hf(tmp_path_factory, tiny_llama_dir):
+    return _hf_artifact(tmp_path_factory.mktemp("exp"), tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def exported(hf):
+    from edgeft.stages import export_onnx as ex
+
+    return ex.run(hf, ex.Config(types=ex.VALID_TYPES, **NO_MIN), hf.path.parent / "onnx")
+
+
+@pytest.fixture(scope="session")
+def torch_ref(tiny_llama_dir):
+    """Prompt ids, torch greedy continuations (HF generate) and teacher-forced logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for text in PROMPTS:
+            ids = tok(text).input_ids
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            new = gen[0, len(ids):].tolist()
+            if new and new[-1] == tok.eos_token_id:
+                new = new[:-1]
+            logits = model(torch.tensor([ids + new])).logits[0].numpy()
+            out.append((ids, new, logits))
     return out
