@@ -68,8 +68,8 @@ def gguf_file(p: Path) -> Target | None:
         f = fields.get(key)
         return None if f is None else f.parts[f.data[0]].tolist()
 
-    kind = value("general.type")
-    if kind is not None and bytes(kind).decode() != "model" or "imatrix.chunk_count" in fields:
+    kind = value("general.type")  # llama.cpp writes "adapter" (LoRA) or "imatrix"; models say "model" or nothing
+    if (kind is not None and bytes(kind).decode() != "model") or "imatrix.chunk_count" in fields:
         return None
     file_type = value("general.file_type")
     v = variants.gguf_from_file_type(int(file_type[0])) if file_type else None

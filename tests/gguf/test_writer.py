@@ -16,10 +16,9 @@ from safetensors.numpy import load_file
 from edgeft.errors import UserError
 from edgeft.gguf import writer as gguf_writer
 
-from test_writer_archs import _copy_tokenizer, _variant  # the model variants the arch tests build
+from test_writer_archs import N_HEADS, N_KV, _copy_tokenizer, _variant  # the tiny models' shapes and builders
 
 
-N_HEADS, N_KV = 4, 2  # the conftest tiny Llama
 HF_TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",

@@ -14,17 +14,6 @@ from edgeft.errors import UserError
 from edgeft.gguf import writer as gguf_writer
 
 N_HEADS, N_KV = 4, 2  # the conftest tiny Llama
-HF_TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-PER_LAYER = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-for _b in range(2):
-    HF_TO_GGUF.update({f"model.layers.{_b}.{k}.weight": f"blk.{_b}.{v}.weight" for k, v in PER_LAYER.items()})
 
 
 @pytest.fixture(scope="module")
