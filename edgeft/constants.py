@@ -19,6 +19,7 @@ KINDS = (KIND_DATA, KIND_HF, KIND_ADAPTER, KIND_GGUF, KIND_ONNX, KIND_BENCH, KIN
 TRAIN_FILE = "train.jsonl"
 EVAL_FILE = "eval.jsonl"
 MANUAL_FILE = "manual.txt"
+RETRIEVAL_FILE = "retrieval.json"  # data artifact / bundle: the retriever settings a model was tuned with
 ADAPTER_DIR = "adapter"
 REPORT_JSON = "report.json"
 REPORT_CSV = "report.csv"

@@ -2,7 +2,9 @@
 
 Pure Python. The manual is split into sections at blank lines; a section's first line is its
 heading when more lines follow, and each following line (a fact, a step) is one passage indexed
-with its heading, so "E964" or "VX-200" in a question finds the line that states it. Scores are
+with its heading, so "E964" or "VX-200" in a question finds the line that states it. A line longer
+than `max_words` (a whole manual section on one line) is cut at sentence ends into parts of at most
+that many words (a single longer sentence is cut at the bound). Scores are
 Okapi BM25 (k1 = 1.5, b = 0.75, idf = ln(1 + (N - df + 0.5) / (df + 0.5))).
 """
 
@@ -27,10 +29,11 @@ class Passage:
     heading: str  # its section heading ('' when the section is one paragraph)
     line: int  # 1-based line of the passage in the source text
     source: str  # file name, for the citation
+    part: int = 0  # which part of a line cut at max_words (0 = the whole line, else 1, 2, ...)
 
     def citation(self) -> str:
         """Where the passage comes from, as a reader would look it up."""
-        where = f"{self.source}:{self.line}"
+        where = f"{self.source}:{self.line}" + (f" part {self.part}" if self.part else "")
         return f"{where} ({self.heading})" if self.heading else where
 
 
@@ -45,22 +48,48 @@ def tokenize(text: str) -> list[str]:
     return [t for t in _TOKEN.findall(text.lower()) if t not in STOPWORDS]
 
 
-def split_passages(text: str, source: str = "manual.txt") -> list[Passage]:
-    """Sections at blank lines; a multi-line section's first line heads one passage per later line."""
+def split_passages(text: str, source: str = "manual.txt", max_words: int = 0) -> list[Passage]:
+    """Sections at blank lines; a multi-line section's first line heads one passage per later line.
+    max_words > 0 cuts longer lines into parts (sentence-aligned where the sentences allow)."""
     out: list[Passage] = []
     section: list[tuple[int, str]] = []
+
+    def add(t: str, heading: str, n: int) -> None:
+        parts = cut(t, max_words)
+        out.extend(Passage(p, heading, n, source, j + 1 if len(parts) > 1 else 0) for j, p in enumerate(parts))
+
     for i, raw in enumerate(text.splitlines() + [""], start=1):
         line = raw.strip()
         if line:
             section.append((i, line))
             continue
         if len(section) == 1:
-            out.append(Passage(section[0][1], "", section[0][0], source))
+            add(section[0][1], "", section[0][0])
         elif section:
-            heading = section[0][1]
-            out += [Passage(t, heading, n, source) for n, t in section[1:]]
+            for n, t in section[1:]:
+                add(t, section[0][1], n)
         section = []
     return out
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def cut(line: str, max_words: int) -> list[str]:
+    """`line` as consecutive parts of at most `max_words` words, whole sentences where they fit."""
+    if max_words <= 0 or len(line.split()) <= max_words:
+        return [line]
+    parts: list[list[str]] = [[]]
+    for sentence in _SENTENCE_END.split(line):
+        words = sentence.split()
+        while words:
+            room = max_words - len(parts[-1])
+            if len(words) > room and parts[-1]:  # the sentence does not fit: start a new part
+                parts.append([])
+                continue
+            parts[-1] += words[:max_words]
+            words = words[max_words:]
+    return [" ".join(p) for p in parts if p]
 
 
 class BM25:

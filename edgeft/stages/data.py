@@ -15,7 +15,8 @@ from pathlib import Path
 
 from edgeft import artifact
 from edgeft.config import opt
-from edgeft.constants import EMBEDDED, EVAL_FILE, KIND_DATA, MANUAL_FILE, MANUAL_HELDOUT_FILE, TRAIN_FILE
+from edgeft.constants import (EMBEDDED, EVAL_FILE, KIND_DATA, MANUAL_FILE, MANUAL_HELDOUT_FILE, RETRIEVAL_FILE,
+                              TRAIN_FILE)
 from edgeft.errors import UserError
 from edgeft.records import FORMATS, load_records, read_text, split_by_answer, write_jsonl
 
@@ -30,6 +31,16 @@ class Config:
     manual_heldout: float = opt(0.05, "share of manual lines kept out of all training (perplexity), 0 = none")
     eval_fraction: float = opt(0.1, "used when eval == '': share of distinct answers held out")
     seed: int = opt(0, "split and embedded-generator seed")
+    heldout_facts: float = opt(0.0, "share of facts (distinct answers) kept out of tuning with every phrasing; they "
+                                    "stay in the manual and are scored as the eval split 'heldout'")
+    unanswerable: float = opt(0.0, "questions the manual cannot answer, generated per split as this share of its "
+                                   "questions (an identifier changed to one the manual lacks); target: abstain")
+    train_phrasings: int = opt(0, "at most this many training phrasings per fact (0 = all)")
+    retrieval_k: int = opt(0, "retrieval-augmented tuning: passages per prompt from the bundle's retriever "
+                              "(0 = closed-book records)")
+    retrieval_oracle: float = opt(0.8, "share of training questions whose answering passage is in the prompt (the "
+                                       "rest see distractors only and learn to abstain)")
+    retrieval_words: int = opt(80, "manual lines longer than this many words are cut into passages (0 = never)")
 
 
 def run(src, cfg: Config, out: Path) -> artifact.Artifact:
@@ -51,8 +62,6 @@ def run(src, cfg: Config, out: Path) -> artifact.Artifact:
                 train, evals = split_by_answer(train, cfg.eval_fraction, cfg.seed)
             if cfg.manual:
                 _copy_manual(Path(cfg.manual), tmp / MANUAL_FILE)
-        write_jsonl(tmp / TRAIN_FILE, train)
-        write_jsonl(tmp / EVAL_FILE, evals)
         held = 0
         if cfg.manual_heldout > 0 and (tmp / MANUAL_FILE).is_file():
             kept, held_text = hold_out_manual((tmp / MANUAL_FILE).read_text(), train + evals,
@@ -60,8 +69,11 @@ def run(src, cfg: Config, out: Path) -> artifact.Artifact:
             (tmp / MANUAL_FILE).write_text(kept)
             (tmp / MANUAL_HELDOUT_FILE).write_text(held_text)
             held = len(held_text.splitlines())
+        train, evals, grounded = _shape_for_retrieval(cfg, train, evals, tmp)
+        write_jsonl(tmp / TRAIN_FILE, train)
+        write_jsonl(tmp / EVAL_FILE, evals)
         return {"train_records": len(train), "eval_records": len(evals),
-                "format": cfg.format if cfg.train != EMBEDDED else "qa", "manual_heldout_lines": held}
+                "format": cfg.format if cfg.train != EMBEDDED else "qa", "manual_heldout_lines": held, **grounded}
 
     inputs = {}
     for key in ("train", "eval", "manual"):
@@ -73,13 +85,50 @@ def run(src, cfg: Config, out: Path) -> artifact.Artifact:
 
 
 def validate(cfg: Config) -> None:
-    """Refuse an unknown format or a missing file before anything runs."""
+    """Refuse an unknown format, a missing file or a share out of range before anything runs."""
     if cfg.format not in FORMATS:
         raise UserError(f"data.format: '{cfg.format}' is not one of {', '.join(FORMATS)}")
+    for key in ("heldout_facts", "retrieval_oracle"):
+        if not 0 <= getattr(cfg, key) < 1 or (key == "retrieval_oracle" and getattr(cfg, key) == 0):
+            raise UserError(f"data.{key}: {getattr(cfg, key)} is not a share in "
+                            f"{'[0, 1)' if key == 'heldout_facts' else '(0, 1)'}")
+    if cfg.unanswerable < 0 or cfg.retrieval_k < 0 or cfg.train_phrasings < 0 or cfg.retrieval_words < 0:
+        raise UserError("data.unanswerable, retrieval_k, train_phrasings and retrieval_words must be >= 0")
+    if cfg.retrieval_k and cfg.manual_heldout:
+        raise UserError(f"data.manual_heldout: {cfg.manual_heldout} moves manual lines out of the manual the bundle "
+                        "retrieves from; with data.retrieval_k set data.manual_heldout: 0")
+    if cfg.retrieval_k and cfg.train != EMBEDDED and not cfg.manual:
+        raise UserError("data.retrieval_k needs the manual to retrieve from: set data.manual to its .txt or .json")
     for key in ("train", "eval", "manual"):
         p = getattr(cfg, key)
         if p and p != EMBEDDED and not Path(p).is_file():
             raise UserError(f"data.{key}: file not found: {p}; pass an existing file path")
+
+
+def _shape_for_retrieval(cfg: Config, train: list[dict], evals: list[dict], tmp: Path
+                         ) -> tuple[list[dict], list[dict], dict]:
+    """Held-out facts, fewer phrasings, unanswerable questions and grounded prompts, as configured."""
+    from edgeft.runtime import grounding
+    from edgeft.training import raft
+
+    train, evals = raft.hold_out_facts(train, evals, cfg.heldout_facts, cfg.seed)
+    train = raft.limit_phrasings(train, cfg.train_phrasings)
+    manual = (tmp / MANUAL_FILE).read_text() if (tmp / MANUAL_FILE).is_file() else ""
+    if cfg.unanswerable:
+        train = train + raft.unanswerable(train, manual, cfg.unanswerable, cfg.seed + 1)
+        evals = evals + raft.unanswerable(evals, manual, cfg.unanswerable, cfg.seed + 2)
+    counts = {s: sum(r.get("split") == s for r in evals) for s in (raft.SPLIT_TRAINED, raft.SPLIT_HELDOUT,
+                                                                 raft.SPLIT_UNANSWERABLE)}
+    info: dict = {"eval_splits": counts}
+    if cfg.retrieval_k:
+        spec = grounding.Spec(k=cfg.retrieval_k, max_words=cfg.retrieval_words)
+        g = grounding.Grounder(manual, MANUAL_FILE, spec)
+        train = raft.ground(train, g, cfg.retrieval_oracle, cfg.seed, train=True)
+        evals = raft.ground(evals, g, cfg.retrieval_oracle, cfg.seed, train=False)
+        (tmp / RETRIEVAL_FILE).write_text(json.dumps(spec.to_dict(), indent=1) + "\n")
+        found = [r["grounding"]["oracle_retrieved"] for r in evals if r["grounding"]["oracle_retrieved"] is not None]
+        info["retrieval"] = {**spec.to_dict(), "eval_recall_at_k": round(sum(found) / len(found), 4) if found else None}
+    return train, evals, info
 
 
 def hold_out_manual(text: str, records: list[dict], fraction: float, seed: int) -> tuple[str, str]:
