@@ -206,14 +206,20 @@ def smoke_tokenizer() -> Path:
 
 
 
-def build_smoke_run(run: str | Path) -> Path:
+# The data settings of a retrieval-tuned run (recipes/smollm2-grounded.yaml), for grounded smoke runs.
+GROUNDED_DATA = {"heldout_facts": 0.3, "unanswerable": 0.15, "train_phrasings": 1, "retrieval_k": 3,
+                 "manual_heldout": 0}
+
+
+def build_smoke_run(run: str | Path, grounded: bool = False) -> Path:
     """A run dir like `edgeft run` leaves (tests/conftest.py's make_tiny_run): the embedded data artifact and
-    the SMOKE_MODEL random-weight Llama as its tuned (merge) hf artifact, in seconds; returns the run dir."""
+    the SMOKE_MODEL random-weight Llama as its tuned (merge) hf artifact, in seconds; returns the run dir.
+    grounded: the data artifact of a retrieval-tuned run (GROUNDED_DATA), so its bundle answers grounded."""
     from edgeft import artifact
     from edgeft.stages import data
 
     run = Path(run)
-    data.run(None, data.Config(), run / "data")
+    data.run(None, data.Config(**(GROUNDED_DATA if grounded else {})), run / "data")
 
     def payload(staging: Path) -> dict:
         build_smoke_model(staging)
@@ -225,7 +231,7 @@ def build_smoke_run(run: str | Path) -> Path:
     return run
 
 
-def build_smoke_bundle(work: str | Path, max_new_tokens: int = 16) -> tuple[Path, Path]:
+def build_smoke_bundle(work: str | Path, max_new_tokens: int = 16, grounded: bool = False) -> tuple[Path, Path]:
     """A GGUF q8_0 bundle (profile tiny, one thread) of build_smoke_run's model under `work`, as tests/test_ask.py
     builds one: (bundle dir, data artifact dir). Random weights, so the export's top-1 bars and the bench's
     accuracy gate are off; answers are capped at `max_new_tokens`."""
@@ -234,7 +240,7 @@ def build_smoke_bundle(work: str | Path, max_new_tokens: int = 16) -> tuple[Path
     from edgeft.stages.bundle import run as export_bundle
 
     work = Path(work)
-    run = build_smoke_run(work / "run")
+    run = build_smoke_run(work / "run", grounded)
     prof = profile.load("tiny", {"gguf": "q8_0", "onnx": "", "bench_samples": "2", "accuracy_budget": "0",
                                  "threads": "1"})
     params = {"export_gguf": {"min_top1_q8_0": 0.0, "min_top1_quant": 0.0, "parity_samples": 4}}

@@ -1,4 +1,4 @@
-"""Command line: edgeft run | show | bench | export | ask | doctor.
+"""Command line: edgeft run | show | bench | export | ask | revise-manual | doctor | keygen.
 
 Errors end in one line on stderr naming what to fix, exit code 2 for bad input and 1 for a failed
 run; `--debug` shows the traceback.
@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   edgeft bench runs/demo/merge runs/demo/gguf --eval runs/demo/data --out runs/demo/bench-here --select
   edgeft export --profile jetson --from runs/demo      # writes dist/jetson
   edgeft ask dist/jetson "What does fault code E964 mean?"
+  edgeft revise-manual dist/jetson manual-rev2.txt --sign keys/field-team.key
   edgeft doctor dist/jetson
 """
 
@@ -77,14 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     p_ask = sub.add_parser("ask", help="answer a question with a bundle (verifies its checksums first)")
     p_ask.add_argument("bundle", type=Path, help="the dist/PROFILE dir")
     p_ask.add_argument("question", nargs="*", help="the question; none = interactive, one per line")
-    p_ask.add_argument("--retrieval", default="cite", choices=("prompt", "cite", "off"),
-                       help="manual passage: cited beside the model's answer (default), also put into the prompt "
-                            "(for models tuned with retrieved context), or off")
+    p_ask.add_argument("--retrieval", choices=("grounded", "prompt", "cite", "off"),
+                       help="grounded (default for a model tuned with retrieval): answer from the manual passages "
+                            "the model was tuned to read, check the passage it cites, abstain when the manual does "
+                            "not cover it; cite (default otherwise): the best passage beside the model's answer; "
+                            "prompt: that passage also in the prompt; off: the model alone")
     p_ask.add_argument("--max-new-tokens", type=int, help="answer length cap in tokens (default: the bundle's)")
     p_ask.add_argument("--threads", type=int, help="CPU threads (default: the profile's)")
     p_ask.add_argument("--trust", type=Path, action="append", metavar="PUBKEY",
                        help="accept only bundles signed by this key (repeatable; default: $EDGEFT_TRUSTED_KEYS "
                             "or ~/.config/edgeft/trusted_keys when present)")
+    p_rev = sub.add_parser("revise-manual", help="replace a bundle's manual with a revised text (no retraining): "
+                                                 "verified, re-hashed, re-signed")
+    p_rev.add_argument("bundle", type=Path, help="the dist/PROFILE dir")
+    p_rev.add_argument("manual", type=Path, help="the revised manual (.txt: sections at blank lines, heading first)")
+    p_rev.add_argument("--sign", type=Path, metavar="KEY",
+                       help="re-sign the bundle with this Ed25519 private key (required when it is signed)")
+    p_rev.add_argument("--trust", type=Path, action="append", metavar="PUBKEY",
+                       help="accept only a bundle signed by this key (repeatable; as for ask)")
     p_doc = sub.add_parser("doctor", help="runtimes, GPU, memory, and a smoke bench of a bundle")
     p_doc.add_argument("bundle", type=Path, nargs="?", help="a bundle dir to verify and time")
     p_doc.add_argument("--seconds", type=float, default=10.0, help="smoke bench duration (default 10)")
@@ -102,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args)
         if args.cmd == "bench":
             return _cmd_bench(args)
-        if args.cmd in ("export", "ask", "doctor", "keygen"):
-            return {"export": _cmd_export, "ask": _cmd_ask, "doctor": _cmd_doctor, "keygen": _cmd_keygen}[args.cmd](args)
+        if args.cmd in ("export", "ask", "revise-manual", "doctor", "keygen"):
+            return {"export": _cmd_export, "ask": _cmd_ask, "revise-manual": _cmd_revise_manual,
+                    "doctor": _cmd_doctor, "keygen": _cmd_keygen}[args.cmd](args)
         return _cmd_show(args)
     except EdgeftError as e:
         if args.debug:
@@ -229,6 +241,21 @@ def _cmd_ask(args) -> int:
             repl(asker)
     finally:
         asker.close()
+    return 0
+
+
+def _cmd_revise_manual(args) -> int:
+    from edgeft.device.revise import revise
+    from edgeft.device.signing import load_private, trusted_keys
+
+    key = load_private(args.sign) if args.sign is not None else None  # a wrong key fails before anything is read
+    rev = revise(args.bundle, args.manual, key=key, trusted=trusted_keys(args.trust))
+    if not rev:
+        print(f"{args.bundle}: already holds this manual; nothing changed")
+        return 0
+    signed = f"; re-signed by key {rev['signed_by']}" if rev["signed_by"] else ""
+    print(f"done: {args.bundle} answers from {args.manual.name} (sha256 {rev['sha256'][:16]}, was "
+          f"{(rev['previous_sha256'] or 'none')[:16]}){signed}; try: edgeft ask {args.bundle} \"...\"")
     return 0
 
 

@@ -189,3 +189,19 @@ def read_text(path: Path) -> str:
         raise UserError(f"{path}: not valid UTF-8; re-encode the file as UTF-8") from None
 
 
+
+
+def manual_from_sections(text: str, where: str) -> str:
+    """A JSON manual ({id: {"title", "text": str | [lines]}} or a list of them) as manual text: per section
+    a title line, its body on one line, a blank line (retrieval cuts long bodies into passages)."""
+    try:
+        sections = json.loads(text)
+        sections = list(sections.values()) if isinstance(sections, dict) else sections
+        out = []
+        for sec in sections:
+            body = sec["text"] if isinstance(sec["text"], str) else " ".join(sec["text"])
+            out.append((f"{sec['title']}\n" if sec.get("title") else "") + " ".join(body.split()) + "\n\n")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{where}: expected a JSON list or mapping of sections with 'text' "
+                        "(a string or a list of lines) and optional 'title'") from None
+    return "".join(out)

@@ -144,6 +144,15 @@ def test_tampered_bundle_is_refused_naming_the_file(bundle, tmp_path, tamper):
         assert "answer" not in proc.stdout.lower()
 
 
+def test_grounded_answers_need_a_model_tuned_with_retrieval(bundle):
+    """This bundle's data had no retrieval settings: `ask` cites (the default) and refuses --retrieval grounded."""
+    assert json.loads((bundle / BUNDLE_FILE).read_text())["retrieval"] is None
+    proc = device("ask", "--retrieval", "grounded", bundle, "What does fault code E964 mean?")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "not tuned for retrieval" in lines[0], proc.stderr
+    assert not proc.stdout
+
+
 def test_not_a_bundle(tmp_path, bundle):
     proc = device("ask", tmp_path, "q?")
     assert proc.returncode == 2 and "not a bundle" in proc.stderr

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from edgeft import artifact
-from edgeft.bench import report, targets
+from edgeft.bench import grounded, report, targets
 from edgeft.bench.harness import GATE_KEYS, Config, run_bench
 from edgeft.constants import KIND_BENCH, REPORT_MD
 from edgeft.errors import UserError
@@ -61,18 +61,23 @@ def run(paths: list[Path], profile, *, eval_path: Path | None, out: Path | None,
         raise UserError("bench: no tokenizer.json beside the variants; pass --tokenizer DIR (the tuned model "
                         "or export artifact dir)")
     records_in, text = targets.eval_set(eval_path, heldout)
+    # grounded prompts are judged with the bundle's retriever (what `ask` runs), else the data artifact's
+    retrieval = t.retrieval or (grounded.from_data_dir(eval_path) if Path(eval_path).is_dir() else None)
     cfg = cfg or config_for(profile)
     inputs = {"variants": {v.name: str(Path(v.path).resolve()) for v in t.variants},
               "eval_sha256": artifact.sha256_file(_eval_file(eval_path)), "heldout_chars": len(text),
               "tokenizer": str(tok.resolve())}
+    if retrieval is not None:
+        inputs["retrieval"] = {**retrieval.spec.to_dict(), "manual_sha256": _sha256(retrieval.manual)}
 
     def payload(tmp: Path) -> dict:
-        recs = run_bench(t.variants, records_in, tok, cfg, tmp / "work", text)
+        recs = run_bench(t.variants, records_in, tok, cfg, tmp / "work", text, retrieval)
         for f in (tmp / "work").iterdir():
             f.unlink()
         (tmp / "work").rmdir()
         ref = t.variants[0]
         note = [f"reference for top1_agreement / kld: {ref.name} (the first variant given)"]
+        note += grounded.missing_note(records_in, retrieval)
         report.write(recs, tmp, "", note)
         return {"variants": len(recs), "samples": cfg.max_samples, "reference": ref.name}
 
@@ -83,6 +88,12 @@ def run(paths: list[Path], profile, *, eval_path: Path | None, out: Path | None,
     print((art.path / REPORT_MD).read_text(), flush=True)
     return json.loads((art.path / "report.json").read_text()) + [r for rep in t.reports for r in rep
                                                                    if r.get("name") == "tuned"]
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _eval_file(p: Path) -> Path:

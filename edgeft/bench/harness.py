@@ -3,6 +3,8 @@
 The first variant is the reference (the tuned model in torch): its greedy tokens and teacher-forced
 log-probs on the reference answers are what the other variants' agreement and KL are measured
 against. Prompts are rendered and tokenized once here and the same ids are fed to every runtime.
+Eval records tagged with a split (trained / held-out fact, unanswerable) and grounded in retrieved
+passages are also scored as `edgeft ask` shows them (edgeft.bench.grounded).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeft import host, shapes
+from edgeft.bench import grounded
 from edgeft.bench.latency import prompt_lengths
 from edgeft.config import opt
 from edgeft.errors import StageFailure, UserError
@@ -23,7 +26,8 @@ from edgeft.runtime.prompt import PromptFormatter
 
 @dataclass(frozen=True)
 class Config:
-    max_samples: int = opt(120, "eval prompts measured (0 = all); spread over the split deterministically")
+    max_samples: int = opt(120, "eval prompts measured (0 = all); spread evenly over each eval split (trained, "
+                                "heldout, unanswerable), the splits kept in proportion")
     max_new_tokens: int = opt(48, "generation cap per prompt")
     threads: int = opt(2, "runtime threads (the profile's)")
     n_ctx: int = opt(512, "runtime context, tokens (the profile's context_length, capped at the model's)")
@@ -55,11 +59,12 @@ class Target:
 
 
 def run_bench(variants: list[Target], eval_records: list[dict], tokenizer_dir: Path, cfg: Config,
-              work: Path, heldout_text: str = "") -> list[dict]:
-    """Measure `variants` (the first is the reference) and return one record each."""
+              work: Path, heldout_text: str = "", retrieval: grounded.Retrieval | None = None) -> list[dict]:
+    """Measure `variants` (the first is the reference) and return one record each; `retrieval` (the manual and
+    settings the eval prompts were grounded with) lets the workers judge answers as the runtime does."""
     work.mkdir(parents=True, exist_ok=True)
     samples_path = work / "samples.json"
-    samples_path.write_text(json.dumps(build_samples(eval_records, tokenizer_dir, cfg, heldout_text)))
+    samples_path.write_text(json.dumps(build_samples(eval_records, tokenizer_dir, cfg, heldout_text, retrieval)))
     ref_path = work / "reference.npz"
     records = []
     for i, v in enumerate(variants):
@@ -76,27 +81,42 @@ def run_bench(variants: list[Target], eval_records: list[dict], tokenizer_dir: P
     return records
 
 
-def build_samples(eval_records: list[dict], tokenizer_dir: Path, cfg: Config, heldout_text: str = "") -> dict:
-    """Prompt ids, full ids and answer span of each measured eval record; timing lengths; perplexity ids."""
+def build_samples(eval_records: list[dict], tokenizer_dir: Path, cfg: Config, heldout_text: str = "",
+                  retrieval: grounded.Retrieval | None = None) -> dict:
+    """Prompt ids, full ids and answer span of each measured eval record (with its split and, for a grounded
+    prompt, the question and its retrieved passages); timing lengths; perplexity ids."""
     fmt = PromptFormatter(tokenizer_dir)
     n_ctx = min(cfg.n_ctx, model_context(tokenizer_dir) or cfg.n_ctx)
-    recs = [r for r in eval_records if "messages" in r and r["messages"][-1]["role"] == "assistant"]
+    recs = [(i, r) for i, r in enumerate(eval_records, 1)
+            if "messages" in r and r["messages"][-1]["role"] == "assistant"]
     if not recs:
         raise UserError("bench: the eval set has no record ending in an assistant answer; nothing to score")
-    if cfg.max_samples and len(recs) > cfg.max_samples:
-        step = len(recs) / cfg.max_samples
-        recs = [recs[int(i * step)] for i in range(cfg.max_samples)]
-    items = []
-    for r in recs:
+    items, cut, fitted = [], 0, 0
+    room = n_ctx - cfg.max_new_tokens
+    for n in grounded.stratified([r.get("split") for _, r in recs], cfg.max_samples):
+        line, r = recs[n]
         msgs = r["messages"]
-        prompt = fmt.prompt_ids(msgs[:-1])[: n_ctx - cfg.max_new_tokens]
-        full = fmt.encode(fmt.render(msgs))[:n_ctx]
-        items.append({"prompt_ids": prompt, "full_ids": full, "answer_span": [len(prompt), len(full)],
-                      "answer": msgs[-1]["content"], "key": r.get("key")})
+        item = {"answer": msgs[-1]["content"], "key": r.get("key")}
+        if "split" in r:
+            item["split"] = r["split"]
+        prompt = whole = fmt.prompt_ids(msgs[:-1])
+        if isinstance(r.get("grounding"), dict):
+            item["grounding"] = grounded.item_grounding(r, retrieval, line)
+            if len(prompt) > room and item["grounding"]["hits"]:  # as `edgeft ask` does: fewer passages
+                prompt = grounded.fit(fmt, retrieval, item["grounding"], room)
+                fitted += 1
+        cut += len(prompt) > room
+        full = fmt.encode(fmt.render(msgs))[:n_ctx]  # teacher-forced agreement: the record's own prompt
+        items.append({"prompt_ids": prompt[:room], "full_ids": full, "answer_span": [min(len(whole), room), len(full)],
+                      **item})
     config = {**asdict(cfg), "n_ctx": n_ctx}
-    return {"config": config, "tokenizer_dir": str(tokenizer_dir), "items": items, "bos_id": fmt.bos_id,
-            "prompt_lengths": prompt_lengths(cfg.prompt_lengths, n_ctx, cfg.decode_tokens),
-            "ppl_items": perplexity_items(fmt, heldout_text, n_ctx, cfg.ppl_tokens)}
+    out = {"config": config, "tokenizer_dir": str(tokenizer_dir), "items": items, "bos_id": fmt.bos_id,
+           "prompt_lengths": prompt_lengths(cfg.prompt_lengths, n_ctx, cfg.decode_tokens),
+           "ppl_items": perplexity_items(fmt, heldout_text, n_ctx, cfg.ppl_tokens), "prompts_cut": cut,
+           "prompts_fitted": fitted}
+    if retrieval is not None and any("grounding" in it for it in items):
+        out["retrieval"] = retrieval.to_json()
+    return out
 
 
 def perplexity_items(fmt: PromptFormatter, text: str, n_ctx: int, budget: int) -> list[list[int]]:

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+from edgeft.bench import grounded
 from edgeft.constants import REPORT_CSV, REPORT_FIELDS, REPORT_JSON, REPORT_MD
 
 # Flat extras worth a column when present; nested ones (latency, spreads) stay in report.json.
@@ -14,9 +15,9 @@ EXTRA_FIELDS = ("key_fact", "greedy_match", "threads", "decode_tok_s_llama", "de
                 "predicted_footprint_mb")
 
 
-def columns(records: list[dict]) -> list[str]:
+def columns(records: list[dict], extra: tuple[str, ...] = EXTRA_FIELDS) -> list[str]:
     """Report fields first, then the flat extra ones present."""
-    return list(REPORT_FIELDS) + [f for f in EXTRA_FIELDS if any(f in r for r in records)]
+    return list(REPORT_FIELDS) + [f for f in extra if any(f in r for r in records)]
 
 
 def write(records: list[dict], out: Path, selection: str = "", notes: list[str] = ()) -> str:
@@ -24,7 +25,8 @@ def write(records: list[dict], out: Path, selection: str = "", notes: list[str] 
     cols = columns(records)
     (out / REPORT_JSON).write_text(json.dumps(records, indent=2) + "\n")
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns(records, EXTRA_FIELDS + grounded.CSV_FIELDS), extrasaction="ignore",
+                       lineterminator="\n")
     w.writeheader()
     w.writerows(records)
     (out / REPORT_CSV).write_text(buf.getvalue())
@@ -32,11 +34,14 @@ def write(records: list[dict], out: Path, selection: str = "", notes: list[str] 
     parts = [md]
     if selection:
         parts.append(f"\n{selection}\n")
+    if any(f in r for r in records for f in grounded.FIELDS):
+        parts.append("\n" + grounded_table(records))
     parts.append("\n" + spread_table(records))
     plots = _plots(records, out)
     if plots:
         parts.append("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
-    for n in list(notes) + reference_note(records) + threads_note(records) + llama_agreement(records):
+    for n in list(notes) + reference_note(records) + threads_note(records) + llama_agreement(records) \
+            + cut_note(records):
         parts.append(f"\n{n}\n")
     (out / REPORT_MD).write_text("".join(parts))
     return md + (f"\n{selection}\n" if selection else "")
@@ -49,6 +54,41 @@ def markdown(records: list[dict], cols: list[str] | None = None) -> str:
     for r in records:
         lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def grounded_table(records: list[dict]) -> str:
+    """Grounded answers as `edgeft ask` shows them: accuracy per split, abstention, citations, recall, TTFT."""
+    counts = next((r["eval_splits"] for r in records if r.get("eval_splits")), {})
+    tokens = next((r["grounded_prompt_tokens"] for r in records if r.get("grounded_prompt_tokens")), None)
+    lines = ["Grounded answers (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + " eval questions; "
+             "answers judged as `edgeft ask` shows them):", "",
+             "| name | " + " | ".join(grounded.FIELDS) + " |", "|---|" + "---|" * len(grounded.FIELDS)]
+    for r in records:
+        lines.append(f"| {r['name']} | " + " | ".join(_cell(r.get(c)) for c in grounded.FIELDS) + " |")
+    lines += ["", "key_fact/rouge_l: the shown answer (citation mark dropped; an abstention shows none) on trained "
+              "and held-out facts. abstention: unanswerable questions refused, by the runtime's identifier "
+              "pre-check or the model; model_abstention: by the model itself; false_abstention: answerable "
+              "questions refused. citation_correct: answered answerable questions citing a passage that holds "
+              "the key fact; unverified: answers shown without a supporting citation. recall_at_k: answerable "
+              "questions whose passage was retrieved. grounded_ttft_ms: median first-token time over the "
+              "measured grounded prompts" + (f" (median {tokens} tokens)." if tokens else ".")]
+    return "\n".join(lines) + "\n"
+
+
+def cut_note(records: list[dict]) -> list[str]:
+    """Lines on eval prompts longer than the context leaves room for: passages dropped, or the end cut."""
+    def most(key: str) -> int:
+        return max((r.get(key) or 0 for r in records), default=0)
+
+    out = []
+    if most("prompts_fitted"):
+        out.append(f"prompts: {most('prompts_fitted')} grounded eval prompts left no room for the answer in n_ctx; "
+                   "their last passages were dropped, as `edgeft ask` does.")
+    if most("prompts_cut"):
+        out.append(f"prompts: {most('prompts_cut')} eval prompts were cut at the end to fit n_ctx - max_new_tokens "
+                   "(a grounded prompt loses its question there); raise bench.n_ctx or lower data.retrieval_k / "
+                   "retrieval_words.")
+    return out
 
 
 def spread_table(records: list[dict]) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgeft import variants
 from edgeft.artifact import read_manifest
+from edgeft.bench import grounded
 from edgeft.bench.harness import Target
 from edgeft.constants import (
     BUNDLE_FILE,
@@ -36,6 +37,7 @@ class Targets:
     variants: list[Target]
     tokenizer_dir: Path | None
     reports: list[list[dict]]
+    retrieval: grounded.Retrieval | None = None  # the manual and retriever a bundle ships (the first one found)
 
 
 def export_variants(kind: str, path: Path) -> list[Target]:
@@ -140,6 +142,7 @@ def _one(p: Path, t: Targets) -> tuple[list[Target], Path | None]:
         spec = bundle.spec["variant"]
         if REPORT_JSON in bundle.blobs:
             t.reports.append(json.loads(bundle.blobs[REPORT_JSON]))
+        t.retrieval = t.retrieval or grounded.from_bundle(bundle)
         lora = str(p / spec["lora"]) if spec.get("lora") else ""
         return [Target(spec["name"], spec["format"], spec["quant"], str(p / spec["path"]), lora)], \
             p / BUNDLE_MODEL_DIR

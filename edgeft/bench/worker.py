@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.bench import footprint
+from edgeft.bench import footprint, grounded
 from edgeft.bench import latency as L
 from edgeft.bench import metrics as M
 
@@ -56,11 +56,13 @@ def measure(variant: dict, samples: dict, ref_path: Path, save_ref: bool) -> dic
     items = samples["items"]
     lat = L.measure(rt, [it["prompt_ids"] for it in items], samples["prompt_lengths"], cfg["decode_tokens"],
                     cfg["warmup"], cfg["repeats"], samples.get("bos_id"))
-    scores, gens = {k: [] for k in ("em", "f1", "rl", "kf")}, []
+    scores, gens, texts, ttft = {k: [] for k in ("em", "f1", "rl", "kf")}, [], [], []
     for it in items:
         g = rt.generate(it["prompt_ids"], cfg["max_new_tokens"])
         text = samples_decode(samples, g.tokens)
         gens.append(g.tokens)
+        texts.append(text)
+        ttft.append(g.ttft_s)  # the prompt's own first forward (the KV cache starts empty every generate)
         scores["em"].append(M.exact_match(text, it["answer"]))
         scores["f1"].append(M.token_f1(text, it["answer"]))
         scores["rl"].append(M.rouge_l(text, it["answer"]))
@@ -102,6 +104,11 @@ def measure(variant: dict, samples: dict, ref_path: Path, save_ref: bool) -> dic
         "threads": cfg["threads"], "threads_requested": requested,
         "latency": lat,
     }
+    retrieval = grounded.Retrieval.from_json(samples["retrieval"]) if samples.get("retrieval") else None
+    record.update(grounded.score(items, texts, ttft, retrieval))  # nothing when the eval has no splits
+    for key in ("prompts_cut", "prompts_fitted"):  # over-long prompts: cut at the end / passages dropped
+        if samples.get(key):
+            record[key] = samples[key]
     if "decode_tok_s_llama" in lat:
         llama = lat["decode_tok_s_llama"]["median"]
         record["decode_tok_s_llama"] = round(llama, 1)

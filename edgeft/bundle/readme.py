@@ -41,10 +41,12 @@ def readme(spec: dict, records: list[dict]) -> str:
         f"./{BUNDLE_RUNNER} \"{spec.get('example_question', 'your question')}\"",
         "    # one answer, with the manual passage it used",
         f"./{BUNDLE_RUNNER}                      # interactive: one question per line, Ctrl-D ends",
-        "edgeft ask --retrieval off . \"...\"    # the model alone, no manual lookup",
+        *([] if spec.get("retrieval") else
+          ["edgeft ask --retrieval off . \"...\"    # the model alone, no manual lookup"]),
         "edgeft doctor .                       # runtimes, GPU, memory and a 10 s speed check",
         "```",
         "",
+        *_grounded(spec),
         "Every run first checks the sha256 of every file against `manifest.json` and refuses a bundle "
         "with a changed, missing or extra model file (copy the bundle again if that happens).",
         "",
@@ -78,6 +80,24 @@ def readme(spec: dict, records: list[dict]) -> str:
     if notes:
         lines += ["## Pre-flight", "", *[f"- {n.removeprefix('pre-flight: ')}" for n in notes], ""]
     return "\n".join(lines)
+
+
+def _grounded(spec: dict) -> list[str]:
+    """What a model tuned with retrieval answers, and how a revised manual gets in: README paragraphs."""
+    if not spec.get("retrieval"):
+        return []
+    k = spec["retrieval"]["k"]
+    return [
+        f"This model was tuned to answer from the {k} manual passages that best match the question. It "
+        "answers with the passage it used (`[source: manual.txt:LINE ...]`), says \"The manual does not "
+        "cover this.\" when none holds the answer (at once, without running the model, when the question "
+        "names a code or part number the manual lacks), and marks an answer it could not check against "
+        "the cited passage as not verified.",
+        "",
+        "A revised manual goes in without retraining, on the build host: `edgeft revise-manual . "
+        "manual-new.txt --sign KEY` (checks the bundle, re-hashes it, re-signs it).",
+        "",
+    ]
 
 
 def runner() -> str:

@@ -19,10 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeft import artifact
-from edgeft.constants import BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_VERSION, KIND_BUNDLE, MANIFEST_NAME, SIGNATURE_FILE
+from edgeft.constants import (
+    BUNDLE_FILE,
+    BUNDLE_MODEL_DIR,
+    BUNDLE_VERSION,
+    KIND_BUNDLE,
+    MANIFEST_NAME,
+    RETRIEVAL_FILE,
+    SIGNATURE_FILE,
+)
 from edgeft.errors import UserError
+from edgeft.runtime.grounding import Spec
 
-_KEEP_BYTES = 64 << 20  # files up to this size are kept as the verified bytes the device then uses
+KEEP_BYTES = 64 << 20  # files up to this size are kept as the verified bytes the device then uses
 _MANIFEST_MAX = 16 << 20
 _UNLISTED_OK = (MANIFEST_NAME, SIGNATURE_FILE)
 _RUNTIME_OPENED = (".onnx", ".data", ".onnx_data")  # onnxruntime opens these itself: hashed again after load
@@ -80,6 +89,11 @@ class Bundle:
         rel = self.spec.get("manual")
         return self.blobs[rel].decode("utf-8", errors="replace") if rel else None
 
+    def grounding_spec(self) -> Spec | None:
+        """The retriever settings the model was tuned with (grounded answers), None for a closed-book model."""
+        d = self.spec.get("retrieval")
+        return None if d is None else Spec.from_dict(d, str(self.path / BUNDLE_FILE))
+
     def recheck(self, rels: list[str]) -> None:
         """Hash these files again (those a runtime opened by path) against the manifest."""
         artifact.verify_dir(self.path, {rel: self.manifest["files"][rel] for rel in rels}, what="bundle", fix=_FIX)
@@ -110,7 +124,7 @@ def open_bundle(path: str | Path, trusted: list[bytes] | None = None) -> Bundle:
     bundle = Bundle(path, {}, manifest, signer)
     try:
         verify_bundle(path, manifest, bundle)
-        bundle.spec = _spec(path, bundle.blobs[BUNDLE_FILE], manifest)
+        bundle.spec = parse_spec(path, bundle.blobs[BUNDLE_FILE], manifest, bundle.blobs)
     except BaseException:
         bundle.close()
         raise
@@ -131,14 +145,14 @@ def verify_bundle(path: Path, manifest: dict, into: Bundle | None = None) -> int
         return "fd" if rel.endswith(".gguf") else "bytes"
 
     kept = artifact.verify_dir(path, files, what="bundle", fix=_FIX, exclusive=_UNLISTED_OK, keep=keep,
-                               keep_max=_KEEP_BYTES)
+                               keep_max=KEEP_BYTES)
     if into is not None:
         into.blobs.update({r: v for r, v in kept.items() if isinstance(v, bytes)})
         into.handles.update({r: v for r, v in kept.items() if isinstance(v, int)})
     return len(files)
 
 
-def _spec(path: Path, raw: bytes, manifest: dict) -> dict:
+def parse_spec(path: Path, raw: bytes, manifest: dict, blobs: dict[str, bytes]) -> dict:
     """bundle.json from its verified bytes; every path it names must be a manifest entry in the bundle."""
     where = path / BUNDLE_FILE
     spec = _json_object(raw, where)
@@ -162,7 +176,27 @@ def _spec(path: Path, raw: bytes, manifest: dict) -> dict:
     if manual is not None and (not isinstance(manual, str) or manual not in files):
         raise UserError(f"{where}: manual '{str(manual)[:200]}' is not a file of this bundle's manifest (hostile or "
                         f"edited bundle.json); refusing it; {_FIX}")
+    _retrieval(path, spec, files, blobs)
     return spec
+
+
+def _retrieval(path: Path, spec: dict, files: dict, blobs: dict[str, bytes]) -> None:
+    """bundle.json's `retrieval` and the bundled retrieval.json must both be absent or say the same thing."""
+    where, tuned = path / BUNDLE_FILE, spec.get("retrieval")
+    if tuned is None:
+        if RETRIEVAL_FILE in files:
+            raise UserError(f"{path / RETRIEVAL_FILE}: present, but {BUNDLE_FILE} records no retrieval settings "
+                            f"(the two disagree); {_FIX}")
+        return
+    recorded = Spec.from_dict(tuned, f"{where}: retrieval")
+    if RETRIEVAL_FILE not in blobs:
+        raise UserError(f"{path / RETRIEVAL_FILE}: missing, but {BUNDLE_FILE} says the model was tuned with "
+                        f"retrieval; {_FIX}")
+    if Spec.from_dict(_json_object(blobs[RETRIEVAL_FILE], path / RETRIEVAL_FILE), str(path / RETRIEVAL_FILE)) != recorded:
+        raise UserError(f"{path / RETRIEVAL_FILE}: differs from {BUNDLE_FILE}'s retrieval settings (the two "
+                        f"disagree); {_FIX}")
+    if spec.get("manual") is None:
+        raise UserError(f"{where}: retrieval settings but no manual to retrieve from; {_FIX}")
 
 
 def _json_object(raw: bytes, where: Path) -> dict:

@@ -126,6 +126,10 @@ def _bundle(path: Path, seconds: float, threads: int | None, status: dict, avail
     say(f"bundle {path}: {len(bundle.manifest['files'])} files verified (sha256, {signed}) in "
         f"{time.perf_counter() - t0:.2f} s; variant {bundle.spec['variant']['name']} for profile "
         f"{bundle.spec['profile']['name']}")
+    tuned, revs = bundle.grounding_spec(), bundle.spec.get("manual_revisions") or []
+    say(f"manual: {bundle.spec.get('manual') or 'none'}"
+        + (f", revised {len(revs)}x (last {revs[-1]['date']}, sha256 {revs[-1]['sha256'][:16]})" if revs else "")
+        + (f"; answers grounded in {tuned.k} retrieved passages (the model was tuned so)" if tuned else ""))
     need = bundle.spec["preflight"]["chosen"]["total_gb"]
     if avail is not None:
         say(f"memory: the bundle needs about {need:.3g} GiB (pre-flight), {avail:.1f} GiB available: "

@@ -87,6 +87,13 @@ def key_id(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def private_key_id(key) -> str:
+    """The fingerprint of a private key's public half (what its signatures name)."""
+    from cryptography.hazmat.primitives import serialization
+
+    return key_id(key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
 def trusted_keys(paths: list[str | Path] | None = None) -> list[bytes]:
     """Raw public keys from --trust files, $EDGEFT_TRUSTED_KEYS, else ~/.config/edgeft/trusted_keys."""
     sources = [Path(p) for p in paths or []]

@@ -103,11 +103,30 @@ class Grounder:
         have = set().union(*(_passage_tokens(h) for h in hits)) if hits else set()
         return tuple(t for t in identifiers(question) if t not in have)
 
-    def judge(self, question: str, hits: list[Hit], answer: str) -> Judgement:
-        """What the runtime makes of the model's answer to a grounded prompt."""
+    def fit(self, fmt, question: str, hits: list[Hit], room: int) -> tuple[list[int], list[Hit]]:
+        """Prompt ids (rendered by `fmt`, a PromptFormatter) with as many passages as fit in `room` tokens:
+        the last ones dropped first, the question never cut. With one passage left and still over `room`,
+        that prompt comes back: the caller decides whether a shorter answer may do."""
+        n = len(hits)
+        while True:
+            ids = fmt.prompt_ids(self.messages(question, hits[:n]))
+            if len(ids) <= room or n <= 1:
+                return ids, hits[:n]
+            n -= 1
+
+    def precheck(self, question: str, hits: list[Hit]) -> Judgement | None:
+        """The abstention the runtime makes without the model: nothing retrieved, or an identifier of the
+        question in no retrieved passage. None: ask the model."""
         missing = self.unsupported(question, hits)
-        if missing:
+        if missing or not hits:
             return Judgement(NOT_IN_MANUAL, ABSTAIN, None, missing)
+        return None
+
+    def judge(self, question: str, hits: list[Hit], answer: str) -> Judgement:
+        """What the runtime makes of the model's answer to a grounded prompt (the pre-check first)."""
+        pre = self.precheck(question, hits)
+        if pre is not None:
+            return pre
         if is_abstention(answer):
             return Judgement(ABSTAINED, ABSTAIN, None)
         body, n = split_citation(answer)

@@ -1,4 +1,7 @@
-"""The bench stage: measure the base, the tuned model and every exported variant on the eval split."""
+"""The bench stage: measure the base, the tuned model and every exported variant on the eval split.
+
+A data artifact built with retrieval (retrieval.json beside manual.txt) also gets each answer judged as
+`edgeft ask` shows it: accuracy per split, abstention, citations, recall@k (edgeft.bench.grounded)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from edgeft import artifact
-from edgeft.bench import report, targets
+from edgeft.bench import grounded, report, targets
 from edgeft.bench.harness import Config as HarnessConfig
 from edgeft.bench.harness import Target, run_bench
 from edgeft.bench.select import select
@@ -29,18 +32,21 @@ def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifa
     for e in exports:
         variants += export_variants(e)
     heldout = data.path / MANUAL_HELDOUT_FILE
+    retrieval = grounded.from_data_dir(data.path)  # the manual and retriever the eval prompts were grounded with
     inputs = {"data_id": data.id, "variants": {v.name: v.path for v in variants},
               "export_ids": [e.id for e in exports], "base": str(base) if base else None}
 
     def payload(tmp: Path) -> dict:
         text = heldout.read_text() if heldout.is_file() else ""
-        records = run_bench(variants, read_jsonl(data.path / EVAL_FILE), src.path, cfg, tmp / "work", text)
+        evals = read_jsonl(data.path / EVAL_FILE)
+        records = run_bench(variants, evals, src.path, cfg, tmp / "work", text, retrieval)
         order = ["base", "tuned"] + [v.name for v in variants[2:]]
         records.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
         _clear(tmp / "work")
         choice, line = selection(records, cfg)
         notes = [] if text else ["perplexity: '-' because the data artifact holds no held-out manual text "
                                  f"({MANUAL_HELDOUT_FILE}); pass data.manual to measure it"]
+        notes += grounded.missing_note(evals, retrieval)
         notes += [f"{e.stage}: {e.metrics['dense_runtime_note']}" for e in exports
                   if e.metrics.get("dense_runtime_note")]
         report.write(records, tmp, line, notes)

@@ -39,6 +39,7 @@ from edgeft.constants import (
     MANUAL_FILE,
     REPORT_JSON,
     REPORT_MD,
+    RETRIEVAL_FILE,
 )
 from edgeft.errors import StageFailure, UserError
 from edgeft.profile import Profile, stage_config
@@ -65,6 +66,7 @@ def run(src: Path, cfg: Config, out: Path, *, data: Path | None = None, work: Pa
     """
     prof, stage_params = cfg.profile, cfg.stage_params
     tuned, data_art, run_dir = resolve_source(Path(src), data)
+    retrieval = _retrieval(data_art)  # a bad retrieval record fails before anything is built
     ests, notes = preflight.plan(tuned.path, prof, profiles.ladder(prof))
     for line in notes:
         print(line, flush=True)
@@ -135,6 +137,8 @@ def run(src: Path, cfg: Config, out: Path, *, data: Path | None = None, work: Pa
                                  for v in profiles.ladder(prof)],
                       "notes": notes},
         "manual": MANUAL_FILE if (data_art.path / MANUAL_FILE).is_file() else None,
+        # the retriever settings the model was tuned with (data.retrieval_k): `edgeft ask` answers grounded
+        "retrieval": retrieval,
         "source": {"tuned_id": tuned.id, "tuned_path": str(tuned.path.resolve()), "bench_id": bench.id,
                    "export_id": src_art.id},
         "built_on": host.describe(),
@@ -155,6 +159,8 @@ def run(src: Path, cfg: Config, out: Path, *, data: Path | None = None, work: Pa
             shutil.copytree(model_src, model_dir, dirs_exist_ok=True)
         if spec["manual"]:
             shutil.copy2(data_art.path / MANUAL_FILE, staging / MANUAL_FILE)
+        if retrieval is not None:
+            shutil.copy2(data_art.path / RETRIEVAL_FILE, staging / RETRIEVAL_FILE)
         for name in (REPORT_JSON, REPORT_MD):
             shutil.copy2(bench.path / name, staging / name)
         (staging / BUNDLE_FILE).write_text(json.dumps(spec, indent=2) + "\n")
@@ -206,11 +212,31 @@ def resolve_source(src: Path, data: Path | None = None) -> tuple[Artifact, Artif
     return tuned, data_art, run_dir
 
 
+def _retrieval(data_art: Artifact) -> dict | None:
+    """The data artifact's retrieval settings (a model tuned on grounded prompts), None for closed-book data."""
+    from edgeft.runtime.grounding import Spec
+
+    path = data_art.path / RETRIEVAL_FILE
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: corrupt (not JSON); rerun the data stage") from None
+    spec = Spec.from_dict(d, str(path))
+    if not (data_art.path / MANUAL_FILE).is_file():
+        raise UserError(f"{path}: the model was tuned with retrieval but {data_art.path} holds no {MANUAL_FILE} to "
+                        "retrieve from; rerun the data stage with data.manual set")
+    return spec.to_dict()
+
+
 def _example_question(data_art: Artifact) -> str:
     """The first eval question, for the README's run example."""
     from edgeft.records import read_jsonl
 
     for rec in read_jsonl(data_art.path / EVAL_FILE):
+        if isinstance(rec.get("grounding"), dict) and rec["grounding"].get("question"):
+            return rec["grounding"]["question"]  # a grounded record's user turn also holds the passages
         for m in rec.get("messages", []):
             if m.get("role") == "user":
                 return m["content"]

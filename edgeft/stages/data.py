@@ -18,7 +18,8 @@ from edgeft.config import opt
 from edgeft.constants import (EMBEDDED, EVAL_FILE, KIND_DATA, MANUAL_FILE, MANUAL_HELDOUT_FILE, RETRIEVAL_FILE,
                               TRAIN_FILE)
 from edgeft.errors import UserError
-from edgeft.records import FORMATS, load_records, read_text, split_by_answer, write_jsonl
+from edgeft.records import (FORMATS, load_records, manual_from_sections, read_text, split_by_answer,
+                            write_jsonl)
 
 
 @dataclass(frozen=True)
@@ -157,14 +158,4 @@ def _copy_manual(src: Path, dst: Path) -> None:
         read_text(src)
         shutil.copyfile(src, dst)
         return
-    try:  # sections: {id: {"title", "text": str | [lines]}} or a list of them -> title line + body line
-        sections = json.loads(read_text(src))
-        sections = list(sections.values()) if isinstance(sections, dict) else sections
-        out = []
-        for sec in sections:
-            body = sec["text"] if isinstance(sec["text"], str) else " ".join(sec["text"])
-            out.append((f"{sec['title']}\n" if sec.get("title") else "") + " ".join(body.split()) + "\n\n")
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise UserError(f"data.manual: {src}: expected a JSON list or mapping of sections with 'text' "
-                        "(a string or a list of lines) and optional 'title'") from None
-    dst.write_text("".join(out))
+    dst.write_text(manual_from_sections(read_text(src), f"data.manual: {src}"))

@@ -112,8 +112,9 @@ def run(src: artifact.Artifact | None, cfg: Config, out: Path, *, data: artifact
         device = examples.pick_device(cfg.device)
         dist.accelerator(cpu=device.type == "cpu")  # joins the process group when launched by accelerate
         fmt = PromptFormatter(teacher.path)
-        train = examples.encode(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.max_length)
-        evals = examples.encode(fmt, read_jsonl(data.path / EVAL_FILE), cfg.max_length)[: cfg.eval_samples]
+        train = examples.encode(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.max_length, "distill.max_length")
+        evals = examples.encode(fmt, read_jsonl(data.path / EVAL_FILE), cfg.max_length,
+                                "distill.max_length")[: cfg.eval_samples]
         pad = fmt.tokenizer.token_to_id("<unk>") or 0
         torch.manual_seed(cfg.seed)
         load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device)  # noqa: E731

@@ -87,8 +87,9 @@ def run(src, cfg: Config, out: Path, *, data: artifact.Artifact, trust_remote_co
 
     def payload(tmp: Path) -> dict:
         fmt = PromptFormatter(model_dir)
-        train = examples.encode(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.max_length)
-        evals = examples.encode(fmt, read_jsonl(data.path / EVAL_FILE), cfg.max_length)[: cfg.eval_samples]
+        train = examples.encode(fmt, read_jsonl(data.path / TRAIN_FILE), cfg.max_length, "train.max_length")
+        evals = examples.encode(fmt, read_jsonl(data.path / EVAL_FILE), cfg.max_length,
+                                "train.max_length")[: cfg.eval_samples]
         loop.seed_everything(cfg.seed)  # adapter init and anything else drawn before the loop
         model, numerics = _load_model(model_dir, cfg, device, trust_remote_code)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

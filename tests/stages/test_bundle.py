@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -10,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from edgeft import artifact, profile
-from edgeft.constants import BUNDLE_FILE, BUNDLE_MODEL_DIR, BUNDLE_README, BUNDLE_RUNNER, MANIFEST_NAME
+from edgeft.constants import (
+    BUNDLE_FILE,
+    BUNDLE_MODEL_DIR,
+    BUNDLE_README,
+    BUNDLE_RUNNER,
+    EVAL_FILE,
+    MANIFEST_NAME,
+    MANUAL_FILE,
+    RETRIEVAL_FILE,
+)
 from edgeft.errors import UserError
 
 from conftest import make_tiny_run
@@ -57,6 +67,7 @@ def test_bundle_contents(tiny_bundle, tiny_run):
         assert name in files, name
     assert set(files) == {str(p.relative_to(tiny_bundle)) for p in tiny_bundle.rglob("*")
                           if p.is_file() and p.name != MANIFEST_NAME}
+    assert spec["retrieval"] is None and RETRIEVAL_FILE not in files  # closed-book data: `ask` defaults to cite
     var = spec["variant"]
     assert f"{var['format']}:{var['quant']}" in profile.ladder(profile.load("tiny"))
     assert (tiny_bundle / var["path"]).exists()
@@ -212,6 +223,34 @@ def test_export_refused_before_building(tiny_run, tmp_path):
     prof = cheap("tiny", memory_budget_gb="0.001", runtime_overhead_gb="0")
     with pytest.raises(UserError, match="no variant fits profile tiny"):
         export_bundle(tiny_run, BundleConfig(profile=prof, stage_params=NO_MIN), tmp_path / "dist", work=tmp_path / "work")
+    assert not (tmp_path / "dist").exists() and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("retrieval, manual, needle", [
+    ({"k": 0}, True, "retrieval k must be >= 1"),
+    ({"k": 3, "top_p": 0.9}, True, "unknown retrieval setting(s) top_p"),
+    ({"k": 3, "format": 99}, True, "retrieval prompt format 99"),
+    ({"k": 3}, False, f"no {MANUAL_FILE} to retrieve from"),
+])
+def test_retrieval_settings_are_checked_before_building(tiny_run, tmp_path, retrieval, manual, needle):
+    """A data artifact whose retrieval.json the device would refuse is refused by export, before any variant."""
+    import shutil
+
+    from edgeft.stages.bundle import Config as BundleConfig
+    from edgeft.stages.bundle import run as export_bundle
+
+    def payload(staging: Path) -> dict:
+        shutil.copy2(tiny_run / "data" / EVAL_FILE, staging / EVAL_FILE)
+        if manual:
+            shutil.copy2(tiny_run / "data" / MANUAL_FILE, staging / MANUAL_FILE)
+        (staging / RETRIEVAL_FILE).write_text(json.dumps(retrieval))
+        return {}
+
+    data = artifact.build(tmp_path / "data", kind="data", stage="data", params={"case": needle}, parent=None,
+                          payload=payload)
+    with pytest.raises(UserError, match=re.escape(needle)):
+        export_bundle(tiny_run, BundleConfig(profile=cheap("tiny", gguf="q8_0", onnx="", ladder="gguf:q8_0")),
+                      tmp_path / "dist", data=data.path, work=tmp_path / "work")
     assert not (tmp_path / "dist").exists() and not (tmp_path / "work").exists()
 
 

@@ -1,0 +1,119 @@
+"""Retrieval-augmented tuning data: held-out facts, unanswerable questions, oracle/distractor prompts."""
+
+import json
+
+import pytest
+
+from edgeft.demo.manual import generate_manual
+from edgeft.errors import UserError
+from edgeft.runtime import grounding as G
+from edgeft.runtime.prompt import PromptFormatter
+from edgeft.runtime.retrieval import tokenize
+from edgeft.stages import data
+from edgeft.training import examples, raft
+
+
+def _records(manual, phrasings="train_questions"):
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f.answer}],
+             "answer": f.answer, "key": f.key} for f in manual.facts for q in getattr(f, phrasings)]
+
+
+@pytest.fixture(scope="module")
+def manual():
+    return generate_manual(0)
+
+
+def test_held_out_facts_lose_every_phrasing(manual):
+    train, evals = _records(manual), _records(manual, "eval_questions")
+    kept, tagged = raft.hold_out_facts(train, evals, 0.3, seed=1)
+    held = {r["answer"] for r in tagged if r["split"] == raft.SPLIT_HELDOUT}
+    answers = {f.answer for f in manual.facts}  # a fact is a distinct answer (models may share one)
+    assert abs(len(held) - 0.3 * len(answers)) <= 1
+    assert not held & {r["answer"] for r in kept}
+    assert len(kept) == sum(r["answer"] not in held for r in train) < len(train)
+    assert {r["split"] for r in tagged} == {raft.SPLIT_TRAINED, raft.SPLIT_HELDOUT}
+    assert len(raft.limit_phrasings(kept, 1)) == len(answers) - len(held)
+
+
+def test_unanswerable_questions_name_what_the_manual_lacks(manual):
+    text = manual.text()
+    tokens = set(tokenize(text))
+    qs = raft.unanswerable(_records(manual), text, 0.1, seed=3)
+    assert len(qs) == round(0.1 * 4 * len(manual.facts))
+    for r in qs:
+        q = r["messages"][0]["content"]
+        assert q != r["source_question"] and r["messages"][1]["content"] == G.ABSTAIN
+        fresh = [t for t in G.identifiers(q) if t not in G.identifiers(r["source_question"])]
+        assert fresh and not any(t in tokens for t in fresh)
+        # same shape: only digits changed
+        assert [c.isdigit() for c in q] == [c.isdigit() for c in r["source_question"]]
+
+
+def test_grounded_training_mixes_oracle_and_distractors(manual):
+    text = manual.text()
+    g = G.Grounder(text, "manual.txt", G.Spec(k=3))
+    recs = _records(manual)[:200]
+    out = raft.ground(recs, g, oracle_share=0.7, seed=0, train=True)
+    cited = 0
+    for r, src in zip(out, recs):
+        reply = r["messages"][-1]["content"]
+        shown = [g.index.passages[i] for i in range(len(g.index.passages))
+                 if [g.index.passages[i].line, g.index.passages[i].part] in r["grounding"]["passages"]]
+        assert len(r["grounding"]["passages"]) == 3
+        o = g.index.passages[G.oracle(g.index, src["messages"][0]["content"], src["answer"], src["key"])]
+        if reply == G.ABSTAIN:
+            assert o not in shown  # distractors only
+        else:
+            cited += 1
+            body, n = G.split_citation(reply)
+            assert body == src["answer"] and o.text in r["messages"][1]["content"].splitlines()[n][4:]
+            assert src["key"].lower() in o.text.lower()
+    assert 0.6 < cited / len(recs) < 0.8
+
+
+def test_eval_records_keep_the_retrievers_top_k_and_report_recall(manual):
+    g = G.Grounder(manual.text(), "manual.txt", G.Spec(k=3))
+    recs = _records(manual, "eval_questions")[:80]
+    out = raft.ground(recs, g, oracle_share=0.8, seed=0, train=False)
+    for r, src in zip(out, recs):
+        hits = g.retrieve(src["messages"][0]["content"])
+        assert r["grounding"]["passages"] == [[h.passage.line, h.passage.part] for h in hits]
+        assert r["grounding"]["oracle_retrieved"] == ("[" in r["messages"][-1]["content"])
+    assert sum(r["grounding"]["oracle_retrieved"] for r in out) / len(out) > 0.8
+
+
+def test_data_stage_writes_grounded_splits_and_settings(tmp_path):
+    cfg = data.Config(heldout_facts=0.3, unanswerable=0.1, train_phrasings=1, retrieval_k=2, manual_heldout=0)
+    data.run(None, cfg, tmp_path / "d")
+    spec = G.Spec.from_dict(json.loads((tmp_path / "d" / "retrieval.json").read_text()), "retrieval.json")
+    assert spec.k == 2
+    evals = [json.loads(x) for x in (tmp_path / "d" / "eval.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in evals} == {"trained", "heldout", "unanswerable"}
+    train = [json.loads(x) for x in (tmp_path / "d" / "train.jsonl").read_text().splitlines()]
+    held = {r["answer"] for r in evals if r["split"] == "heldout"}
+    assert held and not held & {r["answer"] for r in train}
+    assert all(r["messages"][0]["content"] == G.INSTRUCTION for r in train + evals)
+
+
+@pytest.mark.parametrize("over,msg", [
+    ({"retrieval_k": 3}, "data.manual_heldout: 0.05 moves manual lines"),
+    ({"heldout_facts": 1.0}, "data.heldout_facts: 1.0 is not a share"),
+    ({"retrieval_k": 3, "manual_heldout": 0, "train": "x.jsonl"}, "needs the manual"),
+])
+def test_data_refusals(tmp_path, over, msg):
+    if over.get("train"):
+        (tmp_path / "x.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+        over = {**over, "train": str(tmp_path / "x.jsonl")}
+    with pytest.raises(UserError, match=msg):
+        data.run(None, data.Config(**over), tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+def test_grounded_examples_are_refused_not_cut(tmp_path, tiny_tokenizer_dir):
+    fmt = PromptFormatter(tiny_tokenizer_dir)
+    g = G.Grounder(generate_manual(0).text(), "manual.txt", G.Spec(k=3))
+    recs = raft.ground(_records(generate_manual(0))[:4], g, 1.0, 0, train=True)
+    longest = max(len(examples.encode(fmt, [r], 4096)[0][0]) for r in recs)
+    assert len(examples.encode(fmt, recs, longest)) == 4
+    with pytest.raises(UserError, match=f"train.max_length {longest - 1} cuts 1 of 4 .* >= {longest}"):
+        examples.encode(fmt, recs, longest - 1, "train.max_length")
