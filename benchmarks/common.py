@@ -241,8 +241,9 @@ def build_smoke_bundle(work: str | Path, max_new_tokens: int = 16, grounded: boo
 
     work = Path(work)
     run = build_smoke_run(work / "run", grounded)
+    # grounded prompts carry k passages: in the smoke vocabulary they need more than the tiny profile's 256
     prof = profile.load("tiny", {"gguf": "q8_0", "onnx": "", "bench_samples": "2", "accuracy_budget": "0",
-                                 "threads": "1"})
+                                 "threads": "1", **({"context_length": "512"} if grounded else {})})
     params = {"export_gguf": {"min_top1_q8_0": 0.0, "min_top1_quant": 0.0, "parity_samples": 4}}
     art = export_bundle(run, BundleConfig(profile=prof, stage_params=params, max_new_tokens=max_new_tokens),
                         work / "bundle")

@@ -112,3 +112,23 @@ def plan(hf_dir: Path, profile, ladder: tuple[str, ...]) -> tuple[list[Estimate]
 def as_dict(est: Estimate) -> dict:
     """JSON form of an estimate (bundle manifest)."""
     return asdict(est)
+
+
+def grounded_prompt_check(tokenizer_dir: Path, eval_records: list[dict], ctx: int, max_new_tokens: int,
+                          profile) -> str | None:
+    """A retrieval-tuned model's prompts carry its k passages: the longest grounded eval prompt plus a whole
+    answer must fit the device context, else `ask` would drop passages the model was tuned to see.
+    Refused (UserError naming the profile key) when it does not fit; returns a note with the figures."""
+    from edgeft.runtime.prompt import PromptFormatter
+
+    fmt = PromptFormatter(tokenizer_dir)
+    lengths = [len(fmt.prompt_ids(r["messages"][:-1])) for r in eval_records if r.get("grounding")]
+    if not lengths:
+        return None
+    need = max(lengths) + max_new_tokens
+    if need > ctx:
+        raise UserError(f"pre-flight: grounded prompts reach {max(lengths)} tokens (k passages + question) and an "
+                        f"answer {max_new_tokens}; profile {profile.name} serves {ctx}: raise profile.context_length "
+                        f"to >= {need}, or tune with a lower data.retrieval_k / data.retrieval_words")
+    return (f"pre-flight: grounded prompts up to {max(lengths)} tokens (median {sorted(lengths)[len(lengths) // 2]}) "
+            f"+ {max_new_tokens}-token answers fit the {ctx}-token context")

@@ -68,6 +68,13 @@ def run(src: Path, cfg: Config, out: Path, *, data: Path | None = None, work: Pa
     tuned, data_art, run_dir = resolve_source(Path(src), data)
     retrieval = _retrieval(data_art)  # a bad retrieval record fails before anything is built
     ests, notes = preflight.plan(tuned.path, prof, profiles.ladder(prof))
+    if retrieval is not None:  # before anything is built: the tuned-for prompts must fit the device context
+        from edgeft.records import read_jsonl
+
+        ctx = preflight.context_length(preflight.model_shape(tuned.path), prof)
+        note = preflight.grounded_prompt_check(tuned.path, read_jsonl(data_art.path / EVAL_FILE), ctx,
+                                               cfg.max_new_tokens, prof)
+        notes += [note] if note else []
     for line in notes:
         print(line, flush=True)
     fit = [e.variant for e in ests]

@@ -3,24 +3,13 @@ JSON (never an accuracy check: the model has random weights)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.benchmarks.smoke import smoke_report
 
-REPO = Path(__file__).resolve().parents[2]
 SCORES = ("key_fact", "exact_match", "rouge_l")
 
 
 def test_smoke_asks_every_mode_and_reports_consistent_ratios(tmp_path):
-    out = tmp_path / "ar.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "benchmarks/ask_retrieval.py", "--smoke", "--work", str(tmp_path / "work"),
-                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rep = json.loads(out.read_text())
+    rep, _ = smoke_report("ask_retrieval.py", tmp_path)
     assert rep["smoke"] is True and "random-weight" in rep["model"]
     assert rep["questions"] == 4 and rep["variant"] == "gguf-q8_0"
     assert not (tmp_path / "work" / "smoke").exists()  # scratch removed

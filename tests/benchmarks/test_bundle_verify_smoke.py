@@ -3,28 +3,14 @@ self-consistent JSON (never a speed check)."""
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0)
+from tests.benchmarks.smoke import close as _close
+from tests.benchmarks.smoke import smoke_report
 
 
 def test_smoke_verifies_a_tiny_bundle_and_reports_a_consistent_ratio(tmp_path):
-    out = tmp_path / "bv.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "benchmarks/bundle_verify.py", "--smoke", "--work", str(tmp_path / "work"),
-                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rep = json.loads(out.read_text())
+    rep, proc = smoke_report("bundle_verify.py", tmp_path)
     assert rep["smoke"] is True and rep["repeats"] == 2 and "random-weight" in rep["model"]
     assert not (tmp_path / "work" / "smoke").exists()  # scratch removed
 

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
+from tests.benchmarks.smoke import close as _close
+from tests.benchmarks.smoke import smoke_report
 
-REPO = Path(__file__).resolve().parents[2]
 PER_RUN = ("seconds", "peak_rss_mib", "import_s", "import_rss_mib")
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0)
-
-
 def test_smoke_reports_sides_imports_and_consistent_ratios(tmp_path):
-    out = tmp_path / "ge.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "benchmarks/gguf_export.py", "--smoke", "--work", str(tmp_path / "work"),
-                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rep = json.loads(out.read_text())
+    rep, proc = smoke_report("gguf_export.py", tmp_path, timeout=900)
     assert rep["smoke"] is True and rep["repeats"] >= 2
 
     bw = rep["bandwidth"]

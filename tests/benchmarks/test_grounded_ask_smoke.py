@@ -3,23 +3,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.benchmarks.smoke import smoke_report
 
 
 def test_smoke_asks_each_split_and_revises_the_manual(tmp_path):
-    out = tmp_path / "ga.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "benchmarks/grounded_ask.py", "--smoke", "--work", str(tmp_path / "work"),
-                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rep = json.loads(out.read_text())
+    rep, _ = smoke_report("grounded_ask.py", tmp_path)
     assert rep["smoke"] is True and rep["cpu"]
     assert not (tmp_path / "work").exists()  # scratch removed
     splits = rep["splits"]

@@ -3,27 +3,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0)
+from tests.benchmarks.smoke import close as _close
+from tests.benchmarks.smoke import smoke_report
 
 
 def test_smoke_measures_the_installed_wheel_against_itself(tmp_path):
-    out = tmp_path / "lb.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "benchmarks/llama_build.py", "--smoke", "--out", str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rep = json.loads(out.read_text())
+    rep, proc = smoke_report("llama_build.py", tmp_path, work=False, timeout=300)
 
     # what the smoke is, said in the output and the JSON: one wheel on both sides, nothing built
     assert rep["smoke"] is True and rep["same_wheel"] is True

@@ -3,25 +3,16 @@ self-consistent JSON (never an accuracy or speed check)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.benchmarks.smoke import read_report, run_smoke
 
-REPO = Path(__file__).resolve().parents[2]
 METRICS = ("key_fact", "rouge_l", "exact_match")
 ROWS = ("tuned", "tuned-q4_k_m", "r50-pruned", "r50-distilled", "r50-distilled-q4_k_m")
 
 
 def test_smoke_shrinks_a_tiny_teacher_with_consistent_ratios(tmp_path):
     work = tmp_path / "work"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, "benchmarks/shrink.py", "--smoke", "--out", str(work)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rep = json.loads((work / "shrink.json").read_text())
+    proc = run_smoke("shrink.py", "--out", work, env={"TQDM_DISABLE": "1"}, timeout=900)
+    rep = read_report(work / "shrink.json")
     assert rep["smoke"] is True and "random-weight" in rep["teacher"]
     assert rep["run"] == str(work / "smoke-run") and rep["distill_epochs"] == 1.0 and rep["samples"] == 4
     assert "teacher (--smoke, random weights): merge " in proc.stdout

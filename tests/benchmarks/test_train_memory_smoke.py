@@ -3,24 +3,13 @@ JSON (never a memory or speed check)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.benchmarks.smoke import smoke_report
 
-REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("qlora_gc", "qlora", "lora", "full")
 
 
 def test_smoke_runs_every_variant_with_consistent_ratios(tmp_path):
-    out = tmp_path / "tm.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "benchmarks/train_memory.py", "--smoke", "--work", str(tmp_path / "work"),
-                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rep = json.loads(out.read_text())
+    rep, _ = smoke_report("train_memory.py", tmp_path)
     assert rep["smoke"] is True and rep["steps"] == 2 and rep["max_length"] == 128
     assert rep["model"]["weights"] == "random" and rep["model"]["num_hidden_layers"] == 2
 

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.benchmarks.smoke import smoke_report
 
-REPO = Path(__file__).resolve().parents[2]
 BASELINES = ("trainer_defaults", "trainer_group_by_length", "trainer_padding_free")
 VARIANTS = ("edgeft", "edgeft_packing", "edgeft_packing_mask4d", "edgeft_packing_mask4d_full_logits")
 
 
 def test_smoke_writes_every_side_and_consistent_ratios(tmp_path):
-    out = tmp_path / "tp.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--smoke", "--work", str(tmp_path / "work"),
-                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rep = json.loads(out.read_text())
+    rep, _ = smoke_report("train_throughput.py", tmp_path)
 
     assert rep["smoke"] is True
     sides = rep["sides"]

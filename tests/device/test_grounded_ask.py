@@ -35,11 +35,9 @@ K = 2  # passages per grounded prompt the tiny model is "tuned" with
 
 
 @pytest.fixture(scope="module")
-def tuned_bundle(tmp_path_factory, tiny_llama_dir) -> Path:
-    """dist/tiny (gguf q8_0) of the tiny Llama exported from grounded data (data.retrieval_k=K)."""
+def grounded_run(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A run dir: grounded data (data.retrieval_k=K) and the tiny Llama as its tuned model."""
     from edgeft.stages import data
-    from edgeft.stages.bundle import Config
-    from edgeft.stages.bundle import run as export
 
     run = tmp_path_factory.mktemp("grounded-run")
     data.run(None, data.Config(retrieval_k=K, manual_heldout=0), run / "data")
@@ -50,10 +48,33 @@ def tuned_bundle(tmp_path_factory, tiny_llama_dir) -> Path:
         return {}
 
     artifact.build(run / "merge", kind="hf", stage="merge", params={"model": "tiny"}, parent=None, payload=payload)
+    return run
+
+
+def _tiny_profile(context_length: str):
+    return profile.load("tiny", {"gguf": "q8_0", "onnx": "", "bench_samples": "2", "accuracy_budget": "0",
+                                 "threads": "1", "context_length": context_length})
+
+
+@pytest.fixture(scope="module")
+def tuned_bundle(tmp_path_factory, grounded_run) -> Path:
+    """dist/tiny (gguf q8_0) of the tiny Llama exported from grounded data."""
+    from edgeft.stages.bundle import Config
+    from edgeft.stages.bundle import run as export
+
     # the model's whole 512 positions: in the 384-piece tiny vocabulary one passage's grounded prompt is ~260 tokens
-    prof = profile.load("tiny", {"gguf": "q8_0", "onnx": "", "bench_samples": "2", "accuracy_budget": "0",
-                                 "threads": "1", "context_length": "512"})
-    return export(run, Config(profile=prof, max_new_tokens=8), tmp_path_factory.mktemp("dist") / "tiny").path
+    return export(grounded_run, Config(profile=_tiny_profile("512"), max_new_tokens=8),
+                  tmp_path_factory.mktemp("dist") / "tiny").path
+
+
+def test_preflight_refuses_a_context_the_grounded_prompts_do_not_fit(grounded_run, tmp_path):
+    from edgeft.stages.bundle import Config
+    from edgeft.stages.bundle import run as export
+
+    with pytest.raises(UserError, match=r"grounded prompts reach \d+ tokens .* profile tiny serves 256: raise "
+                                        r"profile.context_length to >= \d+"):
+        export(grounded_run, Config(profile=_tiny_profile("256"), max_new_tokens=8), tmp_path / "dist")
+    assert not (tmp_path / "dist").exists()  # refused before anything is built
 
 
 @pytest.fixture
