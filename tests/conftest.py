@@ -252,3 +252,100 @@ def torch_ref(tiny_llama_dir):
             logits = model(torch.tensor([ids + new])).logits[0].numpy()
             out.append((ids, new, logits))
     return out
+
+
+# The small-model families users pick (issue #18): tiny random-weight configs with each family's quirks,
+# shared by tests/test_families.py and tests/gguf/test_writer_families.py.
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text")
+GEMMA3_WINDOW = 4  # sliding_window of the tiny Gemma 3: shorter than every test prompt
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_tokenizer_dir(tmp_path_factory) -> Path:
+    """A 512-token byte-level BPE with Qwen2's pre-tokenizer regex (Qwen2 and Qwen3 share it), ChatML."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgeft.gguf.vocab import PRE_TOKENIZER_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX["qwen2"]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(tiny_corpus(), trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    out = tmp_path_factory.mktemp("qwentok")
+    tok.save_pretrained(out)
+    return out
+
+
+def build_family(family: str, tok_dir: Path, out: Path, seed: int = 0, **overrides) -> Path:
+    """A 2-layer random-weight model of `family` (FAMILIES) saved with the tokenizer of `tok_dir`.
+
+    qwen2: q/k/v biases, tied. qwen3: q/k norms, head_dim 128 != hidden / heads (as Qwen3-0.6B), tied.
+    gemma3_text: one sliding-window layer (window GEMMA3_WINDOW) and one global, q/k norms, pre/post norms,
+    head_dim 128 != hidden / heads, tied, sqrt(hidden)-scaled embeddings, norms stored as w for 1 + w.
+    Norms are drawn away from their identity so a wrong offset or a dropped norm shows in the logits."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    common = dict(vocab_size=len(tok), hidden_size=TINY_HIDDEN, intermediate_size=640, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    kinds = {
+        "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False, rms_norm_eps=1e-5)),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(tie_word_embeddings=True, head_dim=128)),
+        "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
+            head_dim=128, query_pre_attn_scalar=128, sliding_window=GEMMA3_WINDOW,
+            layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)),
+    }
+    config_cls, model_cls, extra = kinds[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**common, **extra, **overrides}))
+    gemma = family.startswith("gemma")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:  # Gemma's tied embeddings are scaled by sqrt(hidden) = 16: at 0.08 they swamp
+                p.normal_(0, 0.02 if gemma and "embed" in name else 0.08)  # the blocks, greedy repeats a token
+            elif name.endswith("bias"):
+                p.normal_(0, 0.05)
+            else:  # a norm: Gemma scales by 1 + w (w = 0 is identity), the others by w (1 is identity)
+                p.normal_(0.0 if gemma else 1.0, 0.3 if gemma else 0.2)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    if gemma:  # Gemma 3 base models ship no chat template: the plain prompt format applies
+        (out / "chat_template.jinja").unlink(missing_ok=True)
+        cfg_path = out / "tokenizer_config.json"
+        tok_cfg = json.loads(cfg_path.read_text())
+        tok_cfg.pop("chat_template", None)
+        cfg_path.write_text(json.dumps(tok_cfg, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, tiny_tokenizer_dir, tiny_qwen_tokenizer_dir):
+    """family -> a lazily built tiny model dir of that family (SentencePiece for llama/gemma3, BPE for qwen)."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            tok = tiny_qwen_tokenizer_dir if family.startswith("qwen") else tiny_tokenizer_dir
+            built[family] = build_family(family, tok, tmp_path_factory.mktemp(family))
+        return built[family]
+    return get

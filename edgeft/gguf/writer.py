@@ -1,11 +1,11 @@
 """Convert a transformers model dir to one GGUF file: our own converter over gguf-py's GGUFWriter.
 
 llama.cpp's convert_hf_to_gguf.py is not installable with the PyPI `gguf` (ENVIRONMENT.md), so this
-module does the part we need. One table per architecture maps HF tensor names to GGUF tensors;
-metadata goes through the writer's add_* methods (the keys live in gguf.Keys); the tokenizer is
-translated by edgeft.gguf.vocab. The header and tensor infos are written first from the planned
-shapes and types, then the data streams tensor by tensor: each is read from its safetensors file
-with plain reads at the offsets the file's header gives (no memory map, whose touched pages would
+module does the part we need. One table per architecture (edgeft.gguf.archs) maps HF tensor names
+to GGUF tensors and checks the hyperparameters; metadata goes through the writer's add_* methods
+(the keys live in gguf.Keys); the tokenizer is translated by edgeft.gguf.vocab. The header and
+tensor infos are written first from the planned shapes and types, then the data streams tensor by
+tensor: each is read from its safetensors file with plain reads at the offsets the file's header gives (no memory map, whose touched pages would
 stay in this process's resident set, and no torch), converted, written and dropped, so peak memory
 stays near the largest tensor (times the few copies a conversion makes).
 """
@@ -20,12 +20,14 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, LlamaFileType
+from gguf import MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 from gguf import GGMLQuantizationType as QType
 
-from edgeft import shapes, variants
+from edgeft import variants
 from edgeft.errors import UserError
+from edgeft.gguf import archs
 from edgeft.gguf import vocab as gguf_vocab
+from edgeft.gguf.archs import ARCHITECTURES, ArchSpec  # noqa: F401  (the supported list, re-exported)
 from edgeft.safetensors_file import SafeTensorsFile
 
 # what this writer produces itself (the table's gguf types with no llama.cpp quantizer target)
@@ -34,43 +36,6 @@ _QTYPE = {t: QType[variants.get("gguf", t).tensor_type] for t in OUT_TYPES}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some checkpoints saved; llama.cpp recomputes them
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How one HF architecture maps onto a llama.cpp architecture."""
-
-    arch: MODEL_ARCH
-    tensors: dict[str, MODEL_TENSOR]  # HF name without .weight/.bias ({bid} = layer) -> GGUF tensor
-    permute_qk: bool  # llama.cpp's llama rope is interleaved, HF's is rotate_half: permute q/k rows
-    vocab: str  # "spm" (SentencePiece tokenizer.model) or "gpt2" (byte-level BPE tokenizer.json)
-    acts: tuple[str, ...] = ("silu",)  # HF hidden_act values llama.cpp's graph for this arch computes
-    norm_offset: float = 0.0  # added to RMSNorm weights (Gemma stores w and scales by 1 + w)
-
-
-_LLAMA_LIKE = {
-    "model.embed_tokens": MODEL_TENSOR.TOKEN_EMBD,
-    "model.norm": MODEL_TENSOR.OUTPUT_NORM,
-    "lm_head": MODEL_TENSOR.OUTPUT,
-    "model.layers.{bid}.input_layernorm": MODEL_TENSOR.ATTN_NORM,
-    "model.layers.{bid}.self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
-    "model.layers.{bid}.self_attn.k_proj": MODEL_TENSOR.ATTN_K,
-    "model.layers.{bid}.self_attn.v_proj": MODEL_TENSOR.ATTN_V,
-    "model.layers.{bid}.self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
-    "model.layers.{bid}.post_attention_layernorm": MODEL_TENSOR.FFN_NORM,
-    "model.layers.{bid}.mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
-    "model.layers.{bid}.mlp.up_proj": MODEL_TENSOR.FFN_UP,
-    "model.layers.{bid}.mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
-}
-LLAMA = ArchSpec(MODEL_ARCH.LLAMA, _LLAMA_LIKE, permute_qk=True, vocab="spm")
-# Qwen2 has the same tensor names plus q/k/v biases; llama.cpp runs it with NEOX rope (no permutation)
-QWEN2 = ArchSpec(MODEL_ARCH.QWEN2, _LLAMA_LIKE, permute_qk=False, vocab="gpt2")
-# Gemma: always tied (no output tensor), NEOX rope, tanh-approximated GELU, embeddings scaled by
-# sqrt(hidden) inside llama.cpp's graph as in HF's, norm weights stored as w for a scale of 1 + w
-GEMMA = ArchSpec(MODEL_ARCH.GEMMA, {k: v for k, v in _LLAMA_LIKE.items() if k != "lm_head"}, permute_qk=False,
-                 vocab="spm", acts=("gelu_pytorch_tanh",), norm_offset=1.0)
-ARCHITECTURES = {"LlamaForCausalLM": LLAMA, "MistralForCausalLM": LLAMA, "Qwen2ForCausalLM": QWEN2,
-                 "GemmaForCausalLM": GEMMA}
 
 
 @dataclass(frozen=True)
@@ -99,7 +64,7 @@ def convert(hf_dir: Path, out_file: Path, out_type: str = "f16", name: str | Non
     vocab = gguf_vocab.load(hf_dir, spec.vocab, n_rows, config)
 
     with atomic_writer(out_file, spec.arch) as writer:
-        _add_metadata(writer, hp, out_type, name or hf_dir.name, n_rows)
+        archs.add_metadata(writer, hp, out_type, name or hf_dir.name, n_rows)
         gguf_vocab.write(writer, vocab)
         for p in plan:
             nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(p.shape, p.qtype)))
@@ -152,8 +117,8 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 def model_spec(hf_dir: Path) -> tuple[ArchSpec, dict, dict]:
     """(architecture spec, checked hyperparameters, raw config) of a transformers model dir."""
     config = _read_json(Path(hf_dir) / "config.json")
-    spec = _arch_spec(config, Path(hf_dir))
-    return spec, _hparams(config, Path(hf_dir), spec), config
+    spec = archs.arch_spec(config, Path(hf_dir))
+    return spec, archs.hparams(config, Path(hf_dir), spec), config
 
 
 def gguf_tensor_name(spec: ArchSpec, hf_stem: str) -> str | None:
@@ -168,67 +133,6 @@ def qk_heads(spec: ArchSpec, hp: dict, hf_stem: str) -> int:
     if spec.permute_qk and hf_stem.endswith(".k_proj"):
         return hp["kv_heads"]
     return 0
-
-
-def _arch_spec(config: dict, hf_dir: Path) -> ArchSpec:
-    archs = config.get("architectures") or []
-    for a in archs:
-        if a in ARCHITECTURES:
-            return ARCHITECTURES[a]
-    raise UserError(f"{hf_dir / 'config.json'}: architecture {archs or 'missing'} is not supported by the "
-                    f"GGUF writer; supported: {', '.join(ARCHITECTURES)}")
-
-
-def _hparams(config: dict, hf_dir: Path, spec: ArchSpec) -> dict:
-    """The hyperparameters llama.cpp needs, checked: a value we cannot express is an error."""
-    def need(key: str):
-        if config.get(key) is None:
-            raise UserError(f"{hf_dir / 'config.json'}: missing {key!r}, needed for GGUF export")
-        return config[key]
-
-    act = config.get("hidden_activation") or config.get("hidden_act", "silu")
-    if act not in spec.acts:
-        raise UserError(f"{hf_dir / 'config.json'}: hidden_act {act!r}; llama.cpp's "
-                        f"{MODEL_ARCH_NAMES[spec.arch]} graph computes {' or '.join(spec.acts)} only")
-    rope_scaling = config.get("rope_scaling")
-    rtype = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
-    if rope_scaling and rtype not in ("linear", "default"):
-        raise UserError(f"{hf_dir / 'config.json'}: rope_scaling type {rtype!r} is not supported by the GGUF "
-                        "writer (only none or linear)")
-    if config.get("use_sliding_window"):
-        raise UserError(f"{hf_dir / 'config.json'}: use_sliding_window=true is not supported by the "
-                        "GGUF writer")
-    hidden, heads = need("hidden_size"), need("num_attention_heads")
-    return {
-        "hidden": hidden, "heads": heads, "layers": need("num_hidden_layers"),
-        "ffn": need("intermediate_size"), "ctx": need("max_position_embeddings"),
-        "kv_heads": shapes.kv_heads(config), "head_dim": shapes.head_dim(config),
-        "rms_eps": need("rms_norm_eps"), "rope_theta": config.get("rope_theta", 10000.0),
-        "rope_linear": rope_scaling.get("factor") if rope_scaling and rtype == "linear" else None,
-        "tied": bool(config.get("tie_word_embeddings", spec.arch == MODEL_ARCH.GEMMA)),  # HF defaults
-    }
-
-
-def _add_metadata(w: gguf.GGUFWriter, hp: dict, out_type: str, name: str, n_rows: int) -> None:
-    w.add_name(name)
-    w.add_context_length(hp["ctx"])
-    w.add_embedding_length(hp["hidden"])
-    w.add_block_count(hp["layers"])
-    w.add_feed_forward_length(hp["ffn"])
-    w.add_head_count(hp["heads"])
-    w.add_head_count_kv(hp["kv_heads"])
-    w.add_rope_freq_base(float(hp["rope_theta"]))
-    w.add_layer_norm_rms_eps(float(hp["rms_eps"]))
-    w.add_rope_dimension_count(hp["head_dim"])
-    if hp["head_dim"] != hp["hidden"] // hp["heads"]:
-        w.add_key_length(hp["head_dim"])
-        w.add_value_length(hp["head_dim"])
-    if hp["rope_linear"]:
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(hp["rope_linear"]))
-    w.add_vocab_size(n_rows)
-    w.add_file_type(LlamaFileType(variants.get("gguf", out_type).file_type))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _tensor_locations(hf_dir: Path) -> dict[str, Path]:
@@ -280,6 +184,9 @@ def _plan(spec: ArchSpec, hp: dict, locations: dict[str, Path], out_type: str) -
                 raise UserError(f"tensor {hf_name} has no GGUF counterpart for "
                                 f"{MODEL_ARCH_NAMES[spec.arch]}; the model has parameters this converter "
                                 "does not know")
+            if suffix == "bias" and not spec.biases:
+                raise UserError(f"tensor {hf_name}: llama.cpp's {MODEL_ARCH_NAMES[spec.arch]} graph reads no "
+                                "biases, so the file would compute another model")
             f = locations[hf_name]
             if f not in handles:
                 handles[f] = stack.enter_context(SafeTensorsFile(f))

@@ -29,7 +29,12 @@ from edgeft.constants import KIND_HF
 from edgeft.errors import UserError
 
 # GGUF general.architecture -> what it becomes; the rest of the chain (GGUF writer, ONNX) supports these
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+# architectures transformers 4.57 loads from GGUF, but not as llama.cpp runs them: why, for the refusal
+_MISREAD = {"gemma3": "transformers rebuilds its SentencePiece vocab as a Unigram model (other token ids than "
+                      "llama.cpp's) and ignores the file's per-layer sliding-window pattern and attention scale; "
+                      "start from the Hugging Face model dir instead"}
 # tokenizer.ggml.pre -> the tokenizers pre-tokenizer that splits the same way llama.cpp does
 _PRE = ("gpt2", "gpt-2", "default", "smollm", "llama-bpe", "llama3", "qwen2")
 
@@ -99,8 +104,9 @@ def read_metadata(path: Path) -> dict:
 
     arch = get("general.architecture")
     if arch not in ARCHITECTURES:
+        why = f" ({arch}: {_MISREAD[arch]})" if arch in _MISREAD else ""
         raise UserError(f"{path}: GGUF architecture '{arch}' is not supported by the chain; supported: "
-                        f"{', '.join(ARCHITECTURES)}")
+                        f"{', '.join(ARCHITECTURES)}{why}")
     model = get("tokenizer.ggml.model")
     pre = get("tokenizer.ggml.pre", "default")
     if model != "gpt2" and model != "llama":

@@ -124,7 +124,9 @@ def _shape_for_retrieval(cfg: Config, train: list[dict], evals: list[dict], tmp:
     if cfg.retrieval_k:
         spec = grounding.Spec(k=cfg.retrieval_k, max_words=cfg.retrieval_words)
         g = grounding.Grounder(manual, MANUAL_FILE, spec)
+        n = len(train)
         train = raft.ground(train, g, cfg.retrieval_oracle, cfg.seed, train=True)
+        info["ungrounded_train_dropped"] = n - len(train)
         evals = raft.ground(evals, g, cfg.retrieval_oracle, cfg.seed, train=False)
         (tmp / RETRIEVAL_FILE).write_text(json.dumps(spec.to_dict(), indent=1) + "\n")
         found = [r["grounding"]["oracle_retrieved"] for r in evals if r["grounding"]["oracle_retrieved"] is not None]

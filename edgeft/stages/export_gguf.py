@@ -70,6 +70,8 @@ def run(src: Artifact, cfg: Config, out: Path, *, data: Artifact | None = None) 
     if adapter_art is None and src.kind != KIND_HF:
         raise UserError(f"{src.path}: artifact kind is '{src.kind}', {STAGE} needs {KIND_HF}; "
                         "pass the output of train or merge (or set export_gguf.adapter=true for an adapter)")
+    if adapter_art is None:
+        gguf_writer.model_spec(src.path)  # an architecture or setting llama.cpp cannot run: refused before any work
     if cfg.imatrix and not any(t in _LLAMA_QUANTS for t in types):
         raise UserError(f"export_gguf.imatrix=true but no type uses it; add one of {', '.join(_LLAMA_QUANTS)}")
     data = data if data is not None else _find_data(adapter_art or src)

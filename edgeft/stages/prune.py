@@ -34,7 +34,12 @@ from edgeft.runtime.prompt import PromptFormatter
 from edgeft.shapes import head_dim, kv_heads
 from edgeft.training import examples, hf_io, loop, sparsity
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm + GQA attention + gated MLP, same tensor names
+# RMSNorm + GQA attention + gated MLP, the same tensor names; q/k norms (qwen3, gemma3) are per head_dim,
+# shared by the heads, so they survive any choice of heads unchanged
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Gemma scales its embeddings by sqrt(hidden_size) and ties the head: a narrower residual rescales the stream
+# and the logits, which no slicing undoes
+_NO_HIDDEN = ("gemma3_text",)
 AXES = ("depth", "mlp", "heads", "hidden")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Dim roles of every tensor, by name: 'hid' residual, 'qh' query-head rows, 'kv' KV rows, 'ffn' MLP channels.
@@ -45,7 +50,7 @@ _ROLES = (
     (r"self_attn\.[qk]_norm\.weight$", (None,)),
     (r"mlp\.(gate|up)_proj\.weight$", ("ffn", "hid")), (r"mlp\.(gate|up)_proj\.bias$", ("ffn",)),
     (r"mlp\.down_proj\.weight$", ("hid", "ffn")), (r"mlp\.down_proj\.bias$", ("hid",)),
-    (r"(input|post_attention)_layernorm\.weight$", ("hid",)),
+    (r"(input|post_attention|pre_feedforward|post_feedforward)_layernorm\.weight$", ("hid",)),
     (r"^model\.embed_tokens\.weight$", (None, "hid")), (r"^lm_head\.weight$", (None, "hid")),
     (r"^model\.norm\.weight$", ("hid",)),
 )
@@ -104,6 +109,7 @@ def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifa
     src = artifact.load(src.path, kind=KIND_HF)
     data = artifact.load(data.path, kind=KIND_DATA)
     validate(cfg)
+    check_model(json.loads((src.path / "config.json").read_text()).get("model_type"), cfg)
     inputs = {"data_id": data.id, "data_sha256": artifact.hash_files([data.path / TRAIN_FILE])}
 
     def payload(tmp: Path) -> dict:
@@ -146,6 +152,16 @@ def run(src: artifact.Artifact, cfg: Config, out: Path, *, data: artifact.Artifa
                           inputs=inputs)
 
 
+def check_model(model_type: str | None, cfg: Config) -> None:
+    """Refuse an architecture (or an axis of it) pruning would break, before any work."""
+    if model_type not in SUPPORTED:
+        raise UserError(f"prune: model_type '{model_type}' is not supported; supported: {', '.join(SUPPORTED)} "
+                        "(set prune.ratio=0 and prune.sparsity=0 to skip the stage)")
+    if model_type in _NO_HIDDEN and (cfg.hidden_size or (cfg.ratio > 0 and "hidden" in _axes(cfg))):
+        raise UserError(f"prune: {model_type} scales its tied embeddings by sqrt(hidden_size), so the residual "
+                        "width cannot be pruned; set prune.hidden_size=0 and leave 'hidden' out of prune.axes")
+
+
 def n_params(model) -> int:
     """Parameter count, a tied embedding counted once."""
     return sum(p.numel() for p in model.parameters())
@@ -163,7 +179,7 @@ def importance(model, examples: list, pad_id: int, batch_size: int) -> dict:
     """Per-block, per-channel and per-head importance from forward passes (pad tokens excluded)."""
     c = model.config
     if c.model_type not in SUPPORTED:
-        raise UserError(f"prune: model_type '{c.model_type}' is not supported; supported: {', '.join(SUPPORTED)}")
+        check_model(c.model_type, Config())
     layers = model.model.layers
     nq, d = c.num_attention_heads, head_dim(c)
     acc = {"block": torch.zeros(len(layers), dtype=torch.float64),
@@ -217,6 +233,7 @@ def importance(model, examples: list, pad_id: int, batch_size: int) -> dict:
 
 def choose_sizes(model, imp: dict, calib: list, pad_id: int, cfg: Config) -> tuple[dict, list]:
     """Target sizes: the explicit ones, the rest searched so the parameter count lands nearest the ratio."""
+    check_model(model.config.model_type, cfg)
     full = current_sizes(model)
     fixed = {k: getattr(cfg, k) or None for k in full}
     for k, v in fixed.items():

@@ -32,11 +32,13 @@ def question_of(rec: dict) -> str | None:
 
 def hold_out_facts(train: list[dict], evals: list[dict], share: float, seed: int
                    ) -> tuple[list[dict], list[dict]]:
-    """Drop a share of the facts (distinct answers) from train; tag eval records trained or heldout."""
+    """Drop a share of the facts (distinct answers) from train; tag eval records trained (their answer is
+    tuned on) or heldout (it is not: held out here, or never in train, as after data.eval_fraction's split)."""
     answers = sorted({r["answer"] for r in train + evals if "answer" in r})
     held = set(random.Random(seed).sample(answers, round(share * len(answers)))) if share > 0 else set()
     kept = [r for r in train if r.get("answer") not in held]
-    tagged = [{**r, "split": SPLIT_HELDOUT if r.get("answer") in held else SPLIT_TRAINED} for r in evals]
+    tuned = {r.get("answer") for r in kept}  # an eval answer never tuned on (split by answer) is held out too
+    tagged = [{**r, "split": SPLIT_TRAINED if r.get("answer") in tuned else SPLIT_HELDOUT} for r in evals]
     return kept, tagged
 
 
@@ -93,8 +95,9 @@ def _fabricate(word: str, manual_tokens: set[str], rng: random.Random) -> str | 
 def ground(records: list[dict], grounder: G.Grounder, oracle_share: float, seed: int, train: bool) -> list[dict]:
     """Each question record as its grounded chat: top-k passages in the prompt, citing target or ABSTAIN.
 
-    Train records follow the oracle/distractor mix; eval records keep the retriever's own top-k.
-    Records without a question (raw text) pass through unchanged."""
+    Train records follow the oracle/distractor mix (an answerable one no passage holds is left out: there
+    is nothing to ground it in); eval records keep the retriever's own top-k. Records without a question
+    (raw text) pass through unchanged."""
     rng = random.Random(seed)
     out = []
     for rec in records:
@@ -105,6 +108,8 @@ def ground(records: list[dict], grounder: G.Grounder, oracle_share: float, seed:
         answerable = rec.get("split") != SPLIT_UNANSWERABLE
         ranking = grounder.index.search(q, k=len(grounder.index.passages))
         o = G.oracle(grounder.index, q, rec["answer"], rec.get("key")) if answerable else None
+        if train and answerable and o is None:  # no passage holds the answer: nothing to ground it in
+            continue
         positions = [h.passage for h in ranking]
         want_oracle = answerable and o is not None and (not train or rng.random() < oracle_share)
         k = grounder.spec.k

@@ -163,5 +163,5 @@ def test_phi3_is_refused_naming_the_supported_architectures(tiny_llama_dir, tmp_
     config["architectures"] = ["Phi3ForCausalLM"]
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=r"\['Phi3ForCausalLM'\].*supported: LlamaForCausalLM, MistralForCausalLM, "
-                                        r"Qwen2ForCausalLM, GemmaForCausalLM"):
+                                        r"Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, Gemma3ForCausalLM"):
         gguf_writer.convert(model_dir, tmp_path / "m.gguf")

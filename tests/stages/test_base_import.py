@@ -95,7 +95,8 @@ def test_unsupported_gguf_is_refused_with_the_list(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UserError, match="'gemma3' is not supported.*llama, mistral, qwen2"):
+    with pytest.raises(UserError, match=r"'gemma3' is not supported.*supported: llama, mistral, qwen2, qwen3 "
+                                        r"\(gemma3: .*Unigram.*sliding-window"):
         base_import.ensure(str(path), tmp_path / "cache")
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(UserError, match="not a readable GGUF"):
@@ -132,3 +133,28 @@ def test_a_gguf_whose_template_does_not_parse_ends_in_one_line(cli, tiny_bpe_lla
               "train.method=lora", "train.max_steps=2", "profile.gguf=f16", "profile.onnx=")
     assert_error(res, 2, "chat template does not parse")
     assert not (tmp_path / "run" / "train").exists()
+
+
+def test_a_qwen3_gguf_imports_to_the_same_model_and_tokenizer_and_exports_again(family_dirs, tmp_path):
+    """Qwen3 (q/k norms, head_dim 128 != hidden / heads, tied, Qwen2 regex BPE) through GGUF and back."""
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.runtime.prompt import PromptFormatter
+
+    src = family_dirs("qwen3")
+    gguf_path = tmp_path / "q3.f32.gguf"
+    gguf_writer.convert(src, gguf_path, "f32")
+    art = base_import.ensure(str(gguf_path), tmp_path / "cache")
+    cfg = json.loads((art.path / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["head_dim"] == 128
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(art.path, dtype=torch.float32)(ids).logits
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    fmt, ref = PromptFormatter(art.path), PromptFormatter(src)
+    for t in TEXTS:
+        assert fmt.tokenizer.encode(t, add_special_tokens=False).ids == ref.tokenizer.encode(
+            t, add_special_tokens=False).ids, t
+    again = gguf_writer.convert(art.path, tmp_path / "again.gguf", "f16")
+    assert again["arch"] == "qwen3" and again["tokenizer"] == "gpt2"

@@ -247,3 +247,51 @@ def test_sparsity_stage_says_dense_runtimes_gain_nothing_and_distill_keeps_the_z
 def test_bad_sparsity_is_refused(bad):
     with pytest.raises(UserError, match="prune.sparsity"):
         prune.validate(prune.Config(**bad))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_q_k_norm_families_prune_heads_and_channels_exactly(family_dirs, tiny_qa_jsonl, tmp_path, family):
+    """Dropping a KV group (with its query heads) and MLP channels equals zeroing their o_proj / down_proj
+    columns in the full model: the per-head q/k norms (one head_dim vector) must survive unsliced, and Gemma 3's
+    pre/post norms and layer types must follow their blocks."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = family_dirs(family)
+    model = _load(model_dir)
+    calib = _examples(model_dir, tiny_qa_jsonl, 8)
+    imp = prune.importance(model, calib, 0, 4)
+    ids = torch.tensor([calib[0][0]])
+    same = prune.prune_model(model, prune.make_plan(model, imp, prune.current_sizes(model)))
+    with torch.no_grad():
+        assert torch.equal(same(ids).logits, model(ids).logits)
+    sizes = {**prune.current_sizes(model), "kv_groups": 1, "intermediate_size": 256}
+    plan = prune.make_plan(model, imp, sizes)
+    small = prune.prune_model(model, plan)
+    d = model.config.head_dim  # 128, not hidden / heads = 64
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            dropped_group = 1 - plan["kv"][i][0]  # 2 groups of 2 query heads
+            layer.self_attn.o_proj.weight[:, dropped_group * 2 * d:(dropped_group + 1) * 2 * d] = 0
+            dropped = sorted(set(range(640)) - set(plan["ffn"][i]))
+            layer.mlp.down_proj.weight[:, dropped] = 0
+        torch.testing.assert_close(small(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    small.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert again.config.head_dim == d and again.model.layers[0].self_attn.q_norm.weight.shape == (d,)
+    assert prune.n_params(again) == prune.count_params({n: tuple(p.shape) for n, p in model.state_dict().items()},
+                                                       model.config, sizes)
+    if family == "gemma3_text":  # depth keeps each kept block's attention kind
+        one = prune.prune_model(model, prune.make_plan(model, imp, {**sizes, "layers": 1}))
+        assert one.config.layer_types == [model.config.layer_types[prune.make_plan(
+            model, imp, {**sizes, "layers": 1})["layers"][0]]]
+
+
+def test_gemma3_hidden_width_and_unknown_families_are_refused_with_the_list(family_dirs):
+    with pytest.raises(UserError, match=r"sqrt\(hidden_size\).*prune.hidden_size=0"):
+        prune.check_model("gemma3_text", prune.Config(hidden_size=128))
+    with pytest.raises(UserError, match="leave 'hidden' out of prune.axes"):
+        prune.check_model("gemma3_text", prune.Config(ratio=0.3, axes="depth,hidden"))
+    prune.check_model("gemma3_text", prune.Config(ratio=0.3))  # the default axes: depth, mlp, heads
+    with pytest.raises(UserError, match="model_type 'phi3' is not supported; supported: llama, mistral, qwen2, "
+                                        "qwen3, gemma3_text"):
+        prune.check_model("phi3", prune.Config(layers=1))

@@ -117,3 +117,17 @@ def test_grounded_examples_are_refused_not_cut(tmp_path, tiny_tokenizer_dir):
     assert len(examples.encode(fmt, recs, longest)) == 4
     with pytest.raises(UserError, match=f"train.max_length {longest - 1} cuts 1 of 4 .* >= {longest}"):
         examples.encode(fmt, recs, longest - 1, "train.max_length")
+
+
+def test_split_by_answer_eval_is_held_out_and_ungroundable_training_is_dropped():
+    manual = "Picture\nPress Home to open the picture menu.\n\nSound\nPress Mute to silence the TV.\n"
+    rec = lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                        "answer": a}
+    train = [rec("How do I open the picture menu?", "Press Home to open the picture menu."),
+             rec("What is the warranty?", "Two years from delivery.")]
+    evals = [rec("Picture menu?", "Press Home to open the picture menu."), rec("Mute?", "Press Mute.")]
+    kept, tagged = raft.hold_out_facts(train, evals, 0.0, seed=0)
+    assert kept == train and [r["split"] for r in tagged] == ["trained", "heldout"]  # 'Press Mute.' never tuned on
+    g = G.Grounder(manual, "manual.txt", G.Spec(k=1))
+    out = raft.ground(kept, g, 1.0, 0, train=True)
+    assert len(out) == 1 and out[0]["messages"][-1]["content"] == "Press Home to open the picture menu. [1]"
