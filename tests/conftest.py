@@ -140,14 +140,15 @@ def cli(capsys, monkeypatch, tmp_path):
     return call
 
 
-def make_tiny_run(run: Path, model_dir: Path) -> Path:
-    """A run dir like `edgeft run` leaves: the embedded data and `model_dir` as the tuned hf artifact."""
+def make_tiny_run(run: Path, model_dir: Path, **data_cfg) -> Path:
+    """A run dir like `edgeft run` leaves: the embedded data (data.Config(**data_cfg)) and `model_dir` as the
+    tuned hf artifact."""
     import shutil
 
     from edgeft import artifact
     from edgeft.stages import data
 
-    data.run(None, data.Config(), run / "data")
+    data.run(None, data.Config(**data_cfg), run / "data")
 
     def payload(staging: Path) -> dict:
         for f in model_dir.iterdir():

@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from edgeft.errors import UserError
-from edgeft.runtime.retrieval import BM25, Hit, STOPWORDS, split_passages, tokenize
+from edgeft.runtime.retrieval import BM25, STOPWORDS, Hit, split_passages, tokenize
 
 FORMAT_VERSION = 1  # bump when the prompt or answer contract below changes: tuned models are refused
 INSTRUCTION = ("Answer the question from the manual passages. End the answer with the number of the passage "
@@ -191,14 +191,13 @@ def oracle(index: BM25, question: str, answer: str, key: str | None = None) -> i
     scores = index.scores(question)
     if key:
         k = " ".join(tokenize(key))
-        cands = [i for i, p in enumerate(index.passages) if k in " ".join(tokenize(f"{p.heading} {p.text}"))]
+        cands = [i for i, toks in enumerate(index.tokens) if k in " ".join(toks)]
         return max(cands, key=lambda i: (scores[i], -i)) if cands else None
     ans = set(tokenize(answer))
     if not ans:
         return None
     best, best_f = None, 0.0
-    for i, p in enumerate(index.passages):
-        have = set(tokenize(p.text))
+    for i, have in enumerate(index.text_tokens):
         common = len(ans & have)
         if common:
             f = 2 * common / (len(ans) + len(have))

@@ -14,6 +14,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -98,7 +99,8 @@ class BM25:
     def __init__(self, passages: list[Passage], k1: float = 1.5, b: float = 0.75):
         self.passages = passages
         self.k1, self.b = k1, b
-        self._tf = [Counter(tokenize(f"{p.heading} {p.text}")) for p in passages]
+        self.tokens = [tokenize(f"{p.heading} {p.text}") for p in passages]  # heading + text, in order
+        self._tf = [Counter(t) for t in self.tokens]
         self._len = [sum(tf.values()) for tf in self._tf]
         self._avg = sum(self._len) / len(self._len) if self._len else 0.0
         df: Counter = Counter()
@@ -112,6 +114,11 @@ class BM25:
         """Index a text file."""
         path = Path(path)
         return cls(split_passages(path.read_text(encoding="utf-8", errors="replace"), path.name))
+
+    @cached_property
+    def text_tokens(self) -> list[set[str]]:
+        """Each passage's own words (heading left out), for matching an answer against it."""
+        return [set(tokenize(p.text)) for p in self.passages]
 
     def scores(self, query: str) -> list[float]:
         """BM25 score of every passage for `query`."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import make_tiny_run
 
 from edgeft import artifact, profile
 from edgeft.cli import main
@@ -37,18 +38,7 @@ K = 2  # passages per grounded prompt the tiny model is "tuned" with
 @pytest.fixture(scope="module")
 def grounded_run(tmp_path_factory, tiny_llama_dir) -> Path:
     """A run dir: grounded data (data.retrieval_k=K) and the tiny Llama as its tuned model."""
-    from edgeft.stages import data
-
-    run = tmp_path_factory.mktemp("grounded-run")
-    data.run(None, data.Config(retrieval_k=K, manual_heldout=0), run / "data")
-
-    def payload(staging: Path) -> dict:
-        for f in tiny_llama_dir.iterdir():
-            shutil.copy2(f, staging / f.name)
-        return {}
-
-    artifact.build(run / "merge", kind="hf", stage="merge", params={"model": "tiny"}, parent=None, payload=payload)
-    return run
+    return make_tiny_run(tmp_path_factory.mktemp("grounded-run"), tiny_llama_dir, retrieval_k=K, manual_heldout=0)
 
 
 def _tiny_profile(context_length: str):
