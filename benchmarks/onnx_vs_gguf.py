@@ -180,8 +180,8 @@ def _one_model(name: str, origin: str, model_dir: Path | None, work: Path, p: di
                      weights=gg.metrics["files"]["q4_k_m"]["tensor_types"],
                      what="GGUF Q4_K_M (llama.cpp quantizer) via llama.cpp (edgeft.runtime.gguf.GGUFRuntime)")]
 
-    ocfg = dict(types=("int4",), parity_new_tokens=p["parity_new_tokens"], parity_max_prompts=32,
-                parity_tf_prompts=32, **({} if bars_on else {"min_top1_int4": 0.0}))
+    ocfg = dict(types=("int4",), parity_new_tokens=p["parity_new_tokens"], parity_samples=32,
+                **({} if bars_on else {"min_top1_int4": 0.0}))
     routes = (["genai"] if with_genai else []) + (["optimum"] if with_optimum else [])
     for route in routes:
         key = f"onnx_{route}_int4"

@@ -67,7 +67,7 @@ VARIANTS = {v.key: v for v in (
     _gguf("q6_k", 6.5625, "Q6_K", 18, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q6_K"),  # attn_v, ffn_down
     _onnx("fp32", 32.0),
     _onnx("fp16", 16.0, "min_top1_fp16", 0.99),
-    _onnx("int8", 8.0, "min_top1_int8", 0.99),  # per-channel scales are negligible; the embedding Gather too
+    _onnx("int8", 10.0, "min_top1_int8", 0.99),  # MatMulNBits / GatherBlockQuantized: 8 bits + fp32 scale per 16
     _onnx("int4", 5.0, "min_top1_int4", 0.95),  # MatMulNBits / GatherBlockQuantized: 4 bits + fp32 scale per 32
 )}
 

@@ -26,7 +26,7 @@ TRAIN = train.Config(method="lora", max_steps=3, batch_size=4, lr=3e-3, max_leng
 # random weights give flat logits: q8_0 agrees on ~0.95 of the eval tokens, under its 0.99 bar (that bar is
 # tested in tests/stages/test_export_gguf.py); the f16 gate (logits and decisive greedy tokens) stays on
 GGUF = export_gguf.Config(types=("f16", "q8_0"), threads=2, parity_samples=4, min_top1_q8_0=0.0)
-ONNX = export_onnx.Config(types=("fp32",), parity_new_tokens=8, parity_max_prompts=2, parity_tf_prompts=2)
+ONNX = export_onnx.Config(types=("fp32",), parity_new_tokens=8, parity_samples=2)
 PRUNE = prune.Config(kv_groups=1, intermediate_size=256, calib_samples=8, max_length=64, dtype="float32")
 DISTILL = distill.Config(max_steps=3, batch_size=4, lr=3e-3, max_length=64, eval_samples=4, log_every=1,
                          dtype="float32")

@@ -63,7 +63,7 @@ def test_bad_values_name_the_key(over, needle):
 
 def test_empty_ladder_orders_by_bits():
     p = profile.load("x86-cpu", {"ladder": ""})
-    assert profile.ladder(p) == ("onnx:fp32", "gguf:f16", "gguf:q8_0", "onnx:int8", "gguf:q4_k_m")
+    assert profile.ladder(p) == ("onnx:fp32", "gguf:f16", "onnx:int8", "gguf:q8_0", "gguf:q4_k_m")
 
 
 def _fake_llama(tmp: Path, hidden=2048, layers=22, heads=32, kv_heads=4, inter=5632, vocab=32000, tied=False) -> Path:
@@ -113,10 +113,12 @@ def test_estimate_arithmetic(tmp_path):
 
 def test_plan_steps_down_the_ladder(tmp_path):
     shape_dir = _fake_llama(tmp_path)
-    # 1.1B: f16 ~2.1 GiB, q8_0 ~1.1 GiB, q4_k_m ~0.6 GiB of weights; a 1.6 GiB budget holds q8_0 down
+    # 1.1B: f16 ~2.1 GiB, int8 (block-16 scales, 10 bits) ~1.3 GiB, q8_0 ~1.1 GiB, q4_k_m ~0.6 GiB of weights;
+    # with the runtime and KV cache a 1.6 GiB budget holds q8_0 down
     p = profile.load("x86-cpu", {"memory_budget_gb": "1.6", "context_length": "2048"})
     fits, notes = preflight.plan(shape_dir, p, profile.ladder(p))
-    assert [e.variant for e in fits] == ["gguf:q8_0", "onnx:int8", "gguf:q4_k_m"]
+    assert [e.variant for e in fits] == ["gguf:q8_0", "gguf:q4_k_m"]
+    assert notes[-1].startswith("pre-flight: skipped onnx:int8") and "> budget 1.6 GiB" in notes[-1]
     assert notes[0].startswith("pre-flight: refused onnx:fp32") and "stepping down the ladder" in notes[0]
     assert notes[1].startswith("pre-flight: refused gguf:f16") and "> budget 1.6 GiB" in notes[1]
 

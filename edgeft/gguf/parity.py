@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from edgeft import host
 from edgeft.errors import StageFailure
+from edgeft.parity_stats import Agreement
 
 # Gate tolerance: max |logit - torch| / max |torch logit| for the gate file (F16 KV cache, as deployed).
 # Observed on the tiny test Llama: f32 1.1e-3, f16 1.9e-3, bf16 1.4e-2; a q/k permutation bug gives ~1.
@@ -59,11 +62,9 @@ def parity_gate(hf_dir: Path, files: dict[str, Path], tmp: Path, lora: Path | No
         report["eval_prompts"] = len(evals)
         for t, res in results.items():  # generation must end at EOS as torch's does (the bench counts on it)
             report["files"][t]["eval_eos_stops"] = sum(res["stopped"][len(GATE_PROMPTS):])
-        with torch.no_grad():
-            refs = [model(torch.tensor([e["full"]])).logits[0].float().numpy() for e in evals]
-        spans = [(e["start"] - 1, len(e["full"]) - 1) for e in evals]  # the rows that predict the answer
+        for t, stats in _teacher_forced(model, evals, list(results), tmp).items():
+            report["files"][t].update(stats)
         for t in results:
-            report["files"][t].update(_teacher_forced(refs, spans, tmp / f"tf-{t}.npz"))
             need = (min_top1 or {}).get(t)
             got = report["files"][t]["tf_top1_agreement"]
             if need is not None and got < need:
@@ -103,24 +104,26 @@ def _eval_tokenization_problems(evals: list[dict], res: dict) -> list[str]:
     return []
 
 
-def _teacher_forced(refs: list[np.ndarray], spans: list[tuple[int, int]], npz: Path) -> dict:
-    """Top-1 agreement and mean KL(torch || llama.cpp) over the answer positions of the eval conversations."""
-    agree = total = 0
-    kl_sum = 0.0
-    with np.load(npz) as saved:
-        for i, (s, e) in enumerate(spans):
-            ref, got = refs[i][s:e], saved[f"arr_{i}"][s:e]
-            agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-            total += ref.shape[0]
-            lp, lq = _log_softmax(ref.astype(np.float64)), _log_softmax(got.astype(np.float64))
-            kl_sum += float(np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0).sum())
-    return {"tf_top1_agreement": agree / total if total else 1.0, "tf_kld": kl_sum / total if total else 0.0,
-            "tf_positions": total}
+def _teacher_forced(model, evals: list[dict], types: list[str], tmp: Path) -> dict[str, dict]:
+    """Per file: top-1 agreement (with its 95% lower bound) and mean KL(torch || llama.cpp) over the answer
+    positions of the eval conversations; one torch pass per conversation, reduced at once (edgeft.parity_stats)."""
+    import torch
 
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    stats = {t: Agreement() for t in types}
+    with ExitStack() as stack:
+        saved = {t: stack.enter_context(np.load(tmp / f"tf-{t}.npz")) for t in types}
+        for i, e in enumerate(evals):
+            with torch.no_grad():
+                ref = model(torch.tensor([e["full"]])).logits[0].float().numpy()
+            s, end = e["start"] - 1, len(e["full"]) - 1  # the rows that predict the answer
+            for t in types:
+                stats[t].add(ref[s:end], saved[t][f"arr_{i}"][s:end], label=f"eval {i}")
+            del ref
+    out = {}
+    for t, a in stats.items():
+        out[t] = {"tf_top1_agreement": a.top1 if a.positions else 1.0, "tf_kld": a.kld if a.positions else 0.0,
+                  "tf_positions": a.positions, "tf_top1_lower95": a.lower_bound(), "tf_prompts": a.prompts}
+    return out
 
 
 def _compare_logits(model, prompts: list[list[int]], res: dict, npz: Path) -> dict:
@@ -188,11 +191,21 @@ def child_main() -> None:
         with GGUFRuntime(path, n_threads=1, n_ctx=n_ctx, lora_path=job["lora"]) as rt:
             gens = [rt.generate(p, job["max_new"]) for p in job["prompts"]]
             greedy = [g.tokens for g in gens]
-            logits = [rt.logits(p + g) for p, g in zip(job["prompts"], greedy)]
-            np.savez(Path(job["out"]) / f"logits-{t}.npz", *logits)
-            np.savez(Path(job["out"]) / f"tf-{t}.npz", *[rt.logits(f) for f in job["eval_full"]])
+            out = Path(job["out"])
+            savez_streaming(out / f"logits-{t}.npz", (rt.logits(p + g) for p, g in zip(job["prompts"], greedy)))
+            savez_streaming(out / f"tf-{t}.npz", (rt.logits(f) for f in job["eval_full"]))
             print(json.dumps({"type": t, "greedy": greedy, "stopped": [g.stopped_at_eos for g in gens],
                               "tokens": [rt.tokenize(s, add_bos=False) for s in job["texts"]],
                               "tokens_special": [rt.tokenize(s, add_bos=True) for s in job["texts"]],
                               "eval_tokens": [rt.tokenize(s, add_bos=True) for s in job["eval_texts"]]}),
                   flush=True)
+
+
+def savez_streaming(path: Path, arrays) -> int:
+    """np.savez of an iterable, one array in memory at a time (np.load reads it as arr_0, arr_1, ...)."""
+    n = 0
+    with zipfile.ZipFile(path, "w", allowZip64=True) as zf:
+        for n, a in enumerate(arrays, 1):
+            with zf.open(f"arr_{n - 1}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asarray(a), allow_pickle=False)
+    return n

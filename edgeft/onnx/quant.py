@@ -1,4 +1,4 @@
-"""Graph-level conversions of an fp32 ONNX decoder for export_onnx: fp16, int8 dynamic, int4 MatMulNBits.
+"""Graph-level conversions of an fp32 ONNX decoder for export_onnx: fp16, int8 and int4 as MatMulNBits.
 
 Each writes a standalone type dir (model.onnx + sidecars copied from the fp32 dir). `check_graph`
 validates any written model with onnx.checker on its path (the only form that works past the 2 GB
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,15 +90,130 @@ def drop_cast_round_trips(graph) -> int:
     return removed
 
 
-def quantize_int8(base: Path, out: Path, per_channel: bool, reduce_range: bool, large: bool) -> None:
-    """Dynamic int8: weights quantized offline, activations per tensor at run time (MatMul, Gather)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_int8(base: Path, out: Path, *, block_size: int, accuracy_level: int, embeddings: bool,
+                  large: bool, keep_float: Iterable[str] = (), head: bool = True,
+                  absmax: dict | None = None, smooth_alpha: float = 0.0) -> dict:
+    """Weight-only int8, as llama.cpp's Q8_0: every MatMul with constant weights, the LM head included, as
+    com.microsoft MatMulNBits (bits 8, symmetric, one fp32 scale per `block_size` weights along K), and with
+    `embeddings` the token embedding as an 8-bit GatherBlockQuantized. Activations are not quantized per
+    tensor: accuracy_level 0 keeps them float, 4 quantizes them per block of the same size at run time.
+
+    onnxruntime's dynamic quantization (per-tensor uint8 activations) lost a real model: SmolLM2-135M fell to
+    teacher-forced top-1 0.842 (benchmarks/onnx_int8.py has the measurements). A tied LM head reaches the
+    graph as MatMul(x, Transpose(embedding)); the Transpose is folded into its own initializer first, so the
+    head is quantized too instead of staying fp32 (a fifth of SmolLM2's weights; `head=False` leaves it).
+    MatMuls named in `keep_float` (module paths, e.g. model.layers.28.mlp.down_proj) keep float weights. With
+    `smooth_alpha` > 0 and `absmax` (per module path: max |input| per channel, edgeft.onnx.smooth.input_absmax),
+    activation outliers are first moved into the weights (edgeft.onnx.smooth). Returns what was applied."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     copy_sidecars(base, out)
-    with quiet(""):  # a root-logger hint to pre-process: measured, no accuracy change for int8 here
-        quantize_dynamic(base / MODEL_FILE, out / MODEL_FILE, weight_type=QuantType.QInt8,
-                         per_channel=per_channel, reduce_range=reduce_range,
-                         use_external_data_format=large)
+    model = onnx.load(str(base / MODEL_FILE))
+    untied = fold_weight_transposes(model.graph) if head else 0
+    smoothed = []
+    if smooth_alpha > 0 and absmax:
+        from edgeft.onnx.smooth import smooth
+
+        smoothed = smooth(model.graph, absmax, smooth_alpha)
+    keep = set(keep_float)
+    excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and module_path(n.name) in keep]
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+                                       bits=8, op_types_to_quantize=("MatMul",))
+    with quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
+        quant = MatMulNBitsQuantizer(model, algo_config=cfg, nodes_to_exclude=excluded)
+        quant.process()
+    model = quant.model.model
+    gathers = quantize_gathers_int8(model.graph, block_size) if embeddings else 0
+    nodes = sum(n.op_type == _MATMUL_NBITS for n in model.graph.node)
+    if not nodes:
+        raise StageFailure(f"{out / MODEL_FILE}: the int8 quantizer converted no MatMul to {_MATMUL_NBITS} "
+                           "(weights not initializers?); export fp16 or fp32 instead")
+    if embeddings and not gathers:
+        raise StageFailure(f"{out / MODEL_FILE}: int8_embeddings is on but no embedding Gather with constant "
+                           "weights and a row length divisible by 16 was found; set export_onnx.int8_embeddings=false")
+    quant.model.save_model_to_file(str(out / MODEL_FILE), use_external_data_format=large)
+    return {"method": "weight-only MatMulNBits", "bits": 8, "block_size": block_size, "symmetric": True,
+            "accuracy_level": accuracy_level, "matmulnbits_nodes": nodes, "untied_transposes": untied,
+            "embeddings": f"int8 ({gathers} GatherBlockQuantized)" if gathers else "fp32",
+            "float_matmuls": sorted(module_path(n) for n in excluded),
+            **({"smooth_alpha": smooth_alpha, "smoothed_matmuls": len(smoothed)} if smooth_alpha > 0 else {})}
+
+
+def module_path(node_name: str) -> str:
+    """The torch module an exporter's node belongs to: /model/layers.28/mlp/down_proj/MatMul -> model.layers.28.mlp.down_proj."""
+    return node_name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+
+
+def fold_weight_transposes(graph) -> int:
+    """Replace Transpose(initializer) feeding only MatMul weight inputs by a transposed initializer; returns how many.
+
+    optimum exports a tied LM head as MatMul(x, Transpose(embed_tokens.weight)): a weight quantizer sees no
+    constant there and leaves the head in float."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for k, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n, k))
+    outputs = {o.name for o in graph.output}
+    folded = []
+    for n in graph.node:
+        if n.op_type != "Transpose" or n.input[0] not in inits or n.output[0] in outputs:
+            continue
+        uses = consumers.get(n.output[0], [])
+        if not uses or any(c.op_type != "MatMul" or k != 1 for c, k in uses):
+            continue
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(inits[n.input[0]])
+        graph.initializer.append(numpy_helper.from_array(weight.transpose(perm).copy(), n.output[0]))
+        folded.append(n)
+    for n in folded:
+        graph.node.remove(n)
+    return len(folded)
+
+
+def quantize_gathers_int8(graph, block_size: int) -> int:
+    """Gather(2-D float initializer, ids) on axis 0 -> com.microsoft GatherBlockQuantized, 8 bits: uint8 codes
+    (zero point 128, the op's default), one fp32 scale per block of a row (symmetric, absmax/127). The block is
+    `block_size`, halved (to 16 at least) until it divides the row: the op does not pad (SmolLM2's 576 takes 64
+    for 128). A table no such block divides is left as it is. Returns the Gathers converted."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    users: dict[str, int] = {}
+    for n in graph.node:
+        for name in n.input:
+            users[name] = users.get(name, 0) + 1
+    done = 0
+    for idx, n in enumerate(list(graph.node)):
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if n.op_type != "Gather" or n.input[0] not in inits or axis != 0:
+            continue
+        w = numpy_helper.to_array(inits[n.input[0]])
+        bs = block_size
+        while w.ndim == 2 and bs > 16 and w.shape[1] % bs:
+            bs //= 2
+        if w.ndim != 2 or w.dtype != np.float32 or w.shape[1] % bs:
+            continue
+        blocks = w.reshape(w.shape[0], -1, bs)
+        scale = np.abs(blocks).max(-1) / 127.0
+        safe = np.where(scale > 0, scale, 1.0)[..., None]
+        codes = (np.clip(np.rint(blocks / safe), -127, 127) + 128).astype(np.uint8).reshape(w.shape)
+        name = n.input[0]
+        graph.initializer.extend([numpy_helper.from_array(codes, name + "_Q8"),
+                                  numpy_helper.from_array(scale.astype(np.float32), name + "_scales")])
+        node = helper.make_node("GatherBlockQuantized", [name + "_Q8", n.input[1], name + "_scales"], [n.output[0]],
+                                name=(n.name or "gather") + "_Q8", domain="com.microsoft", gather_axis=0,
+                                quantize_axis=1, block_size=bs, bits=8)
+        graph.node.remove(n)
+        graph.node.insert(idx, node)
+        if users.get(name) == 1:  # nothing else reads the float table
+            graph.initializer.remove(inits[name])
+        done += 1
+    return done
 
 
 def quantize_int4(base: Path, out: Path, *, algo: str, block_size: int, symmetric: bool,

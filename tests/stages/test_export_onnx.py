@@ -37,6 +37,8 @@ def test_layout_manifest_and_metrics(exported):
     fp32 = art.metrics["types"]["fp32"]
     assert _greedy_ok(fp32) and fp32["kld"] < 1e-6 and fp32["greedy_match"] >= 0.75
     assert art.metrics["route"]["route"] == "optimum" and art.metrics["tokenizer_prompts_checked"] == 4
+    tok = art.metrics["tokenizer"]
+    assert tok["prompts_checked"] == 4 and tok["chat_template"] and tok["eos_ids"] == [2]  # the tiny tokenizer's </s>
     assert art.metrics["types"]["int4"]["quant"] == {"algo": "rtn", "block_size": 32, "symmetric": True,
                                                      "accuracy_level": 4, "matmulnbits_nodes": 15,
                                                      "embeddings": "int4 rtn (1 GatherBlockQuantized)"}
@@ -79,7 +81,7 @@ def test_fp16_and_int4_load_and_generate(exported, torch_ref):
 
     ops = {t: {n.op_type for n in onnx.load(str(exported.path / t / MODEL_FILE)).graph.node}
            for t in ("int8", "int4")}
-    assert "MatMulNBits" in ops["int4"] and "MatMulInteger" in ops["int8"]
+    assert "MatMulNBits" in ops["int4"] and "MatMulNBits" in ops["int8"] and "MatMulInteger" not in ops["int8"]
     assert "GatherBlockQuantized" in ops["int4"]  # the token embedding too (int4_embeddings)
     assert exported.metrics["types"]["int4"]["quant"]["embeddings"].startswith("int4 rtn")
     ids = torch_ref[0][0]
@@ -118,12 +120,14 @@ def test_bad_types_are_user_errors(hf, tmp_path, types):
 
 @pytest.mark.parametrize("bad, key", [
     ({"types": ("int4",), "int4_block_size": 24}, "int4_block_size"),
+    ({"int8_block_size": 8}, "int8_block_size"),
+    ({"int8_accuracy_level": 2}, "int8_accuracy_level"),
     ({"route": "olive"}, "route"),
     ({"int4_algo": "gptq"}, "int4_algo"),
     ({"route": "genai", "int4_algo": "hqq", "types": ("int4",)}, "int4_algo"),
     ({"route": "genai", "types": ("fp32", "int8")}, "route=genai"),
     ({"min_top1_int4": 95}, "min_top1_int4"),
-    ({"parity_tf_prompts": -1}, "parity_tf_prompts"),
+    ({"parity_samples": -1}, "parity_samples"),
 ])
 def test_bad_config_values_are_user_errors(hf, tmp_path, bad, key):
     with pytest.raises(UserError, match=key):
@@ -141,12 +145,17 @@ def test_rerun_with_same_params_is_skipped(hf, exported, tmp_path):
         ex.run(hf, ex.Config(), stray)
 
 
-def _gate(model_dir, refs, type_name, min_top1=0.0):
+def _gate(model_dir, refs, torch_logits, type_name, min_top1=0.0):
     rt = OnnxRuntime(model_dir)
     try:
-        return onnx_parity.gate(rt, refs, type_name, len(refs[0].tokens), min_top1, model_dir)
+        return onnx_parity.gate(rt, refs, torch_logits, type_name, len(refs[0].tokens), min_top1, model_dir)
     finally:
         rt.close()
+
+
+def _doctored(logits):
+    """A stand-in for torch that returns `logits` (rows of the one sequence the doctored reference holds)."""
+    return lambda seq: logits[:len(seq)]
 
 
 def test_parity_gate_fails_on_real_mismatch_and_tolerates_near_tie(exported, torch_ref):
@@ -158,26 +167,30 @@ def test_parity_gate_fails_on_real_mismatch_and_tolerates_near_tie(exported, tor
 
     decisive = logits.copy()
     decisive[row, other] = decisive[row].max() + 5.0
-    ref = onnx_parity.Reference("t", ids, [other], decisive)
+    ref = onnx_parity.Reference.from_logits("t", ids, [other], decisive)
     with pytest.raises(StageFailure, match="differ from PyTorch on parity prompt t at new token 0.*not a near-tie"):
-        _gate(exported.path / "fp32", [ref], "fp32")
+        _gate(exported.path / "fp32", [ref], _doctored(decisive), "fp32")
 
     tie = logits.copy()
     tie[row, other] = tie[row].max() + 1e-6  # inside the export's ~1e-5 error
-    metrics = _gate(exported.path / "fp32", [onnx_parity.Reference("t", ids, [other], tie)], "fp32")
+    metrics = _gate(exported.path / "fp32", [onnx_parity.Reference.from_logits("t", ids, [other], tie)],
+                    _doctored(tie), "fp32")
     assert metrics["greedy_near_tie_flips"] == 1 and metrics["greedy_match"] == 0.0
 
-    ref = onnx_parity.Reference("t", ids, [other], decisive)
-    assert _gate(exported.path / "int8", [ref], "int8")["greedy_match"] == 0.0  # quantized: recorded
+    assert _gate(exported.path / "int8", [ref], _doctored(decisive), "int8")["greedy_match"] == 0.0  # recorded
 
 
 def test_quantized_gate_fails_below_its_minimum_with_diagnosis(exported, torch_ref):
-    refs = [onnx_parity.Reference(f"p{i}", ids, new, logits) for i, (ids, new, logits) in enumerate(torch_ref)]
-    got = _gate(exported.path / "int4", refs, "int4")
+    refs = [onnx_parity.Reference.from_logits(f"p{i}", ids, new, logits) for i, (ids, new, logits) in enumerate(torch_ref)]
+    by_seq = {tuple(ids + new): logits for ids, new, logits in torch_ref}
+    got = _gate(exported.path / "int4", refs, lambda seq: by_seq[tuple(seq)], "int4")
     assert 0 < got["top1_agreement"] < 0.9 and got["kld"] > 0  # random weights: observed ~0.5
+    assert got["top1_lower95"] < got["top1_agreement"] and got["prompts"] == 4
+    assert got["positions"] == sum(len(new) + 1 for _, new, _ in torch_ref)
     with pytest.raises(StageFailure, match=r"int4 teacher-forced top-1 agreement with PyTorch is 0\.\d+ < 0\.95 "
-                                           r"over \d+ positions of 4 prompts \(mean KL .* worst prompt p\d"):
-        _gate(exported.path / "int4", refs, "int4", min_top1=0.95)
+                                           r"over \d+ positions of 4 prompts \(95% lower bound 0\.\d+; mean KL .* "
+                                           r"worst prompt p\d.*raise export_onnx\.parity_samples"):
+        _gate(exported.path / "int4", refs, lambda seq: by_seq[tuple(seq)], "int4", min_top1=0.95)
     # the same minimum the export applies: a failing type fails the whole export, nothing left behind
     hf_dir = exported.path.parent / "hf"
     src = artifact.load(hf_dir, kind="hf")
@@ -194,6 +207,14 @@ def test_tokenizer_check_names_prompt_and_position():
         onnx_parity.check_tokenizer([p], lambda q: [1, 5, 9, 7], "dev")
 
 
+def test_tokenizer_check_refuses_a_runtime_that_would_not_stop_at_the_tokenizers_eos(exported):
+    class StopsElsewhere:
+        eos_ids = frozenset({7})
+
+    with pytest.raises(StageFailure, match=r"EOS '</s>' \(id 2\) is not among the ids the runtime stops on \[7\]"):
+        ex._check_tokenizers(exported.path / "fp32", [], StopsElsewhere())
+
+
 def test_eval_prompts_from_lineage_are_all_checked(tmp_path, tiny_llama_dir):
     """An hf artifact whose lineage names a data artifact: every eval prompt is tokenizer- and greedy-checked."""
     from edgeft.constants import EVAL_FILE
@@ -207,10 +228,14 @@ def test_eval_prompts_from_lineage_are_all_checked(tmp_path, tiny_llama_dir):
                         inputs={"data_id": data.id},
                         payload=lambda d: shutil.copytree(tiny_llama_dir, d, dirs_exist_ok=True) and {})
     assert ex._find_data(hf).id == data.id
-    art = ex.run(hf, ex.Config(types=("fp32",), parity_tf_prompts=3, parity_new_tokens=4), tmp_path / "onnx")
+    art = ex.run(hf, ex.Config(types=("fp32",), parity_samples=3, parity_new_tokens=4), tmp_path / "onnx")
     m = art.metrics
-    assert m["parity_eval_prompts"] == 5 and m["parity_prompts"] == 8 and m["tokenizer_prompts_checked"] == 8
-    assert m["parity_tf_prompts"] == 3 and _greedy_ok(m["types"]["fp32"])
+    # every prompt's tokenization; a sample of 3 eval prompts (plus the 3 fixed texts) through the model
+    assert m["tokenizer_prompts_checked"] == 8 and m["parity_eval_available"] == 5
+    assert m["parity_samples"] == 3 and m["parity_eval_prompts"] == 3 and m["parity_prompts"] == 6
+    fp32 = m["types"]["fp32"]
+    assert _greedy_ok(fp32) and fp32["prompts"] == 6 and fp32["positions"] == m["parity_positions"] >= 6
+    assert fp32["top1_lower95"] <= fp32["top1_agreement"] and "Wilson" in m["parity_confidence"]
     assert art.manifest["inputs"]["parity_data"] == data.id
 
 
@@ -271,12 +296,14 @@ def test_torch_references_catch_a_runtime_that_strays_from_torch_greedy(exported
             return self.rt.logits(seq)
 
     liar = Strays()
-    honest = onnx_parity.torch_references(tiny_llama_dir, [prompt], liar.rt, N_NEW, 0)[0]
-    assert honest.tokens == new and honest.logits.shape[0] == len(ids) + len(new)
-    ref = onnx_parity.torch_references(tiny_llama_dir, [prompt], liar, 16, 0)[0]
-    assert ref.tokens == new[:2]  # torch's own 2nd token ends the reference
-    with pytest.raises(StageFailure, match="parity prompt text:x at new token 1: torch .* not a near-tie"):
-        onnx_parity.gate(liar, [ref], "fp32", 16, 0.0, exported.path / "fp32")
+    with onnx_parity.TorchModel(tiny_llama_dir) as torch_model:
+        honest = onnx_parity.torch_references(torch_model, [prompt], liar.rt, N_NEW)[0]
+        assert honest.tokens == new and honest.top2_ids.shape == (len(new) + 1, 2)
+        assert [int(r[0]) for r in honest.top2_ids[:-1]] == new  # torch's best on each row is its greedy token
+        ref = onnx_parity.torch_references(torch_model, [prompt], liar, 16)[0]
+        assert ref.tokens == new[:2]  # torch's own 2nd token ends the reference
+        with pytest.raises(StageFailure, match="parity prompt text:x at new token 1: torch .* not a near-tie"):
+            onnx_parity.gate(liar, [ref], torch_model.logits, "fp32", 16, 0.0, exported.path / "fp32")
 
 
 def test_fp16_keeps_norms_fp32_when_the_residual_stream_overflows_fp16_squares(tmp_path, tiny_llama_dir):
