@@ -3,7 +3,7 @@
 Part 1 asks a retrieval-tuned bundle the eval questions of its data artifact through the device code
 path (edgeft.device.ask.Asker, grounded mode), per split: key-fact accuracy and rouge_l on trained and
 on held-out facts, abstention on unanswerable questions (the runtime's pre-check and the model's own
-abstentions counted apart), false abstention on answerable ones, citation correctness (the cited
+abstentions counted apart, and the model's own abstention again with the pre-check off), false abstention on answerable ones, citation correctness (the cited
 passage holds the key fact) and the share of answers the runtime could not verify.
 
 Part 2 changes the value of --revise facts in the manual (a torque, an interval or a part number; values
@@ -86,11 +86,18 @@ def measure(args, started: float) -> None:
     if asker.retrieval != "grounded":
         sys.exit(f"{args.bundle}: not a retrieval-tuned bundle (ask mode {asker.retrieval})")
     rows = [_row(r, asker.ask(r["grounding"]["question"])) for r in picked]
+    # the model's own abstention on unanswerable questions, the runtime's identifier pre-check turned off
+    model_only = [_row(r, asker.ask(r["grounding"]["question"], precheck=False)) for r in picked
+                  if r.get("split") == "unanswerable"]
     manual = asker.bundle.manual_text()
     variant = asker.bundle.spec["variant"]["name"]
     asker.close()
     out = {"bundle": str(args.bundle), "variant": variant, "cpu": host.cpu_model(),
-           "splits": summarise(rows), "revision": revision(args, recs, manual)}
+           "splits": summarise(rows),
+           "unanswerable_without_precheck": {"questions": len(model_only),
+                                             "model_abstention": _mean([r["status"] == G.ABSTAINED
+                                                                        for r in model_only])},
+           "revision": revision(args, recs, manual)}
     if args.smoke:
         out.update(smoke=True, model="tiny random-weight Llama: figures are noise, the run exercises the code path")
     out["wall_s"] = round(time.time() - started, 1)

@@ -45,7 +45,7 @@ def ensure_tuned(run: Path):
     reused, anything else is (re)built by the pipeline."""
     from edgeft import artifact, pipeline, profile
 
-    recipe = pipeline.load_recipe(REPO / "recipes" / "demo.yaml", {})
+    recipe = pipeline.load_recipe(REPO / "recipes" / "demo-toy.yaml", {})
     arts = pipeline.run(recipe, profile.load("x86-cpu"), run)
     tuned = arts.get("merge") or arts["train"]
     print("teacher: " + " <- ".join(f"{a.stage} {a.id}" for a in artifact.lineage(tuned.path)), flush=True)

@@ -1,14 +1,14 @@
 """Training memory: peak memory of qlora vs lora vs full on the same model, data and batch.
 
 Each method runs the edgeft train stage in a fresh subprocess (so one run's peak never hides in
-another's), on the 58M-parameter Llama config of train_throughput.py (random weights, 32k vocab),
+another's), on the 58M-parameter Llama config of train_inputs.py (random weights, 32k vocab),
 batch 8, for a few optimizer steps. Peak memory is the process's peak RSS (VmHWM) on CPU and
 torch.cuda.max_memory_allocated on GPU; step time is the loop's wall time per step. Ratios are
 against `lora` measured in the same run.
 
     flock /tmp/edgeft-heavy.lock .venv/bin/python benchmarks/train_memory.py --out runs/bench/train_memory.json
 
---smoke: train_throughput.py's tiny model config (hidden 64, 2 layers; random weights, built under WORK/smoke)
+--smoke: train_inputs.py's tiny model config (hidden 64, 2 layers; random weights, built under WORK/smoke)
 with the benchmarks' cached 1024-piece smoke tokenizer (benchmarks.common.smoke_tokenizer), 2 steps, max_length
 128, every variant still in its own process: every code path in seconds (most of it the four interpreters'
 imports); its numbers say nothing about memory (a fresh interpreter's own footprint dominates).
@@ -79,7 +79,7 @@ def main() -> None:
     report = {"memory_key": key, "steps": args.steps, "batch_size": 8, "max_length": args.max_length,
               "results": results}
     if args.smoke:
-        from benchmarks.train_throughput import SMOKE_CONFIG
+        from benchmarks.train_inputs import SMOKE_CONFIG
 
         report.update(smoke=True, model={**SMOKE_CONFIG, "weights": "random"},
                       note="tiny model: the peaks are mostly the interpreter's and libraries' own; measures nothing",
@@ -93,7 +93,7 @@ def child(args) -> None:
     import torch
 
     from benchmarks.common import peak_rss_mib
-    from benchmarks.train_throughput import SMOKE_CONFIG, build_model, data_artifact
+    from benchmarks.train_inputs import SMOKE_CONFIG, build_model, data_artifact
     from edgeft.stages import train
 
     work = Path(args.work)

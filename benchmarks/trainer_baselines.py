@@ -1,20 +1,30 @@
 """The transformers Trainer + peft baselines of benchmarks/train_throughput.py, and what they share with edgeft's side.
 
-BATCH and LORA are the settings of every side; StepClock times every side the same way (a global torch
-optimizer-step post-hook, tokens counted at collation); padding_free_check tests on the model itself whether
+BATCH, LORA and QLORA are the settings of every side; StepClock times every side the same way (a global torch
+optimizer-step post-hook, tokens counted at collation); run_apart runs every side in a process of its own and
+adds that process's peak memory; padding_free_check tests on the model itself whether
 DataCollatorWithFlattening's rows keep their examples apart (see train_throughput.py's docstring for the
-finding); trainer_run runs one Trainer baseline.
+finding); trainer_run runs one Trainer baseline, LoRA or QLoRA.
 """
 
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 BATCH = 8
 LORA = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
+# QLoRA's 4-bit base on every qlora side, named as edgeft's train.Config fields: NF4 with double quantization,
+# computing in float32 (bitsandbytes 0.50 runs NF4 on CPU too)
+QLORA = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+# imported once by the fork server every side's process starts from: a side pays no interpreter start-up
+_PRELOAD = ["torch", "transformers.trainer", "transformers.models.llama.modeling_llama", "peft", "bitsandbytes",
+            "edgeft.stages.train"]
+_context = None
 
 
 class StepClock:
@@ -55,6 +65,26 @@ class StepClock:
         real, positions = sum(t for t, _ in self.batches[:steps]), sum(p for _, p in self.batches[:steps])
         return {"steps": steps, "timed_steps": steps - 1, "timed_s": round(timed, 3), "tokens": tokens,
                 "tokens_per_s": round(tokens / timed, 1), "padding_share": round(1 - real / positions, 3)}
+
+
+def run_apart(fn, *args, **kwargs) -> dict:
+    """fn(*args, **kwargs) -> dict, run in a process of its own (forked from a server holding the imported
+    libraries), with that process's peak RSS (VmHWM, MiB: model load, setup and training included) and its
+    wall time in it (process_s: what a run costs, not what is timed) added."""
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")  # clean: no thread pool of this process is forked
+        _context.set_forkserver_preload(_PRELOAD)
+    with ProcessPoolExecutor(max_workers=1, mp_context=_context) as pool:
+        return pool.submit(_measured, fn, args, kwargs).result()
+
+
+def _measured(fn, args: tuple, kwargs: dict) -> dict:
+    from benchmarks.common import peak_rss_mib
+
+    started = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return {**out, "peak_rss_mib": round(peak_rss_mib(), 1), "process_s": round(time.perf_counter() - started, 1)}
 
 
 def padding_free_check(model_dir: Path, examples: list, tol: float = 1e-4) -> dict:
@@ -99,18 +129,35 @@ def padding_free_check(model_dir: Path, examples: list, tol: float = 1e-4) -> di
             "isolated_with_default_use_cache": diffs[True] <= tol, "equivalent": equivalent, "finding": finding}
 
 
-def trainer_run(model_dir: Path, examples: list, args, mode: str) -> dict:
-    """transformers Trainer + peft LoRA for args.steps optimizer steps; mode: defaults | group_by_length | padding_free."""
+def trainer_run(model_dir: Path, examples: list, args, mode: str, method: str = "lora") -> dict:
+    """transformers Trainer + peft LoRA (method lora) or QLoRA (method qlora) for args.steps optimizer steps;
+    mode: defaults | group_by_length | padding_free."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if method == "qlora":  # the usual peft QLoRA recipe: 4-bit load, prepare_model_for_kbit_training, LoRA
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        dtype = getattr(torch, QLORA["compute_dtype"])
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=QLORA["quant_type"],
+                                   bnb_4bit_use_double_quant=QLORA["double_quant"], bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=dtype,
+                                                     device_map={"": "cuda" if torch.cuda.is_available() else "cpu"})
+        # peft's default recomputes activations (gradient checkpointing); edgeft's train stage does not unless
+        # asked (train.gradient_checkpointing), so neither side does here: the same work on both
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif method == "lora":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    else:
+        raise ValueError(f"method {method!r}: lora or qlora")
     if mode != "defaults":
         model.config.use_cache = False  # no KV cache in training; padding-free needs it for its packed mask
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=LORA["r"], lora_alpha=LORA["alpha"],
                                              lora_dropout=0.0, target_modules=LORA["target_modules"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     clock = StepClock()
     flatten = DataCollatorWithFlattening()
 
@@ -146,4 +193,5 @@ def trainer_run(model_dir: Path, examples: list, args, mode: str) -> dict:
             out = trainer.train()
     del trainer, model
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {**clock.result(args.steps), "final_loss": round(out.training_loss, 4), "peak_cuda_mb": peak}
+    return {**clock.result(args.steps), "final_loss": round(out.training_loss, 4), "peak_cuda_mb": peak,
+            "trainable_params": trainable}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from edgeft import rss
 from edgeft.constants import KINDS, MANIFEST_NAME, MANIFEST_VERSION, TMP_PREFIX
 from edgeft.errors import StageFailure, UserError
 
@@ -274,10 +275,15 @@ def build(out: str | Path, *, kind: str, stage: str, params: Any, parent: Artifa
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    t0 = time.time()
+    t0, children0, own_peak = time.time(), rss.children_peak_mb(), rss.reset_peak()
     try:
         metrics = payload(staging) or {}
         metrics.setdefault("wall_s", round(time.time() - t0, 3))
+        # this process's peak during the stage (since exec where the OS cannot reset it), and its children's
+        metrics.setdefault("peak_rss_mb", rss.peak_mb())
+        metrics.setdefault("peak_rss_scope", "stage" if own_peak else "process")
+        if rss.children_peak_mb() > children0:
+            metrics.setdefault("children_peak_rss_mb", rss.children_peak_mb())
         files = {str(p.relative_to(staging)): {"sha256": sha256_file(p), "size": p.stat().st_size}
                  for p in sorted(staging.rglob("*")) if p.is_file()}
         metrics.setdefault("size_bytes", sum(f["size"] for f in files.values()))

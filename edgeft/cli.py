@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -146,12 +147,25 @@ def _cmd_run(args) -> int:
     rec_over = {k: v for k, v in overrides.items() if not k.startswith("profile.")}
     prof = profile.load(args.profile, prof_over)
     recipe = pipeline.load_recipe(args.recipe, rec_over)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     arts = pipeline.run(recipe, prof, args.out)
     if "bench" not in arts:  # another rank under `accelerate launch`: rank 0 exports, benches and reports
         return 0
     print("\n" + (arts["bench"].path / "report.md").read_text(), flush=True)
+    print(_stage_table(arts, started), flush=True)
     print(f"done: {len(arts)} artifacts in {args.out}; report: {arts['bench'].path / 'report.md'}")
     return 0
+
+
+def _stage_table(arts: dict, started: str) -> str:
+    """Each stage's wall time and peak memory, from its manifest; stages skipped in this run say so."""
+    rows = ["| stage | wall s | peak RSS MiB | children peak RSS MiB | |", "|---|---|---|---|---|"]
+    for name, art in arts.items():
+        m, when = art.metrics, art.manifest.get("created", "")
+        rows.append(f"| {name} | {m.get('wall_s', '-')} | {m.get('peak_rss_mb', '-')} | "
+                    f"{m.get('children_peak_rss_mb', '-')} | {'cached' if when < started else ''} |")
+    return "Stages (wall time and peak memory of each, this process and its child processes apart):\n\n" + \
+        "\n".join(rows) + "\n"
 
 
 def _cmd_help_config(section: str) -> int:

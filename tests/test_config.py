@@ -7,6 +7,7 @@ import pytest
 from edgeft import pipeline, profile
 from edgeft.config import parse_overrides
 from edgeft.errors import UserError
+from edgeft.stages import data
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,6 +47,13 @@ def test_yaml_syntax_error_names_line(tmp_path):
 def test_every_profile_loads(name):
     p = profile.load(name)
     assert p.memory_budget_gb <= p.memory_gb and p.bandwidth_gbs > 0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_recipe_loads_and_validates(name):
+    recipe = pipeline.load_recipe(REPO / "recipes" / name, {})
+    data.validate(recipe["data"])
+    assert recipe["name"] == name.removesuffix(".yaml")
 
 
 def test_profile_overrides_and_unknown_profile():

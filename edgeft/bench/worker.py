@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from edgeft import rss
 from edgeft.bench import footprint, grounded
 from edgeft.bench import latency as L
 from edgeft.bench import metrics as M
@@ -68,7 +68,7 @@ def measure(variant: dict, samples: dict, ref_path: Path, save_ref: bool) -> dic
         scores["rl"].append(M.rouge_l(text, it["answer"]))
         if it.get("key"):
             scores["kf"].append(M.key_fact(text, it["key"]))
-    rss_mb = peak_rss_mb()  # load + latency + generation: what serving needs (the logit checks below hold more)
+    rss_mb = rss.peak_mb()  # load + latency + generation: what serving needs (the logit checks below hold more)
     top1, logps = [], []
     for it in items:
         s, e = it["answer_span"]
@@ -126,16 +126,6 @@ def measure(variant: dict, samples: dict, ref_path: Path, save_ref: bool) -> dic
         ref_gens = json.loads(str(ref["gens"]))
         record["greedy_match"] = round(sum(a == b for a, b in zip(gens, ref_gens)) / len(gens), 4)
     return record
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS, MiB. VmHWM resets at exec; ru_maxrss would carry the parent's peak over."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def samples_decode(samples: dict, ids: list[int]) -> str:

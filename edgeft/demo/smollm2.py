@@ -55,3 +55,17 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def main() -> int:
+    """`python -m edgeft.demo.smollm2`: fetch (or find cached) the model, print its path; exit 2 if unreachable."""
+    try:
+        print(fetch_gguf())
+        return 0
+    except UserError as e:
+        print(f"edgeft: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

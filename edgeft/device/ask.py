@@ -89,10 +89,12 @@ class Asker:
         self.rt = open_runtime(bundle, threads=threads)
         self.n_ctx = bundle.spec["runtime"]["n_ctx"]
 
-    def ask(self, question: str) -> Answer:
-        """Answer one question (greedy), with the manual passage it used or cites."""
+    def ask(self, question: str, precheck: bool = True) -> Answer:
+        """Answer one question (greedy), with the manual passage it used or cites. `precheck=False` asks a
+        grounded model even about identifiers no retrieved passage holds (to measure the model's own
+        abstention)."""
         if self.grounder is not None:
-            return self._grounded(question)
+            return self._grounded(question, precheck)
         hit = None
         if self.index is not None:
             hits = self.index.search(question, k=1)
@@ -111,11 +113,11 @@ class Asker:
         text = self.fmt.decode(gen.tokens).strip()
         return Answer(text=text, hit=hit, tokens=len(gen.tokens), seconds=time.perf_counter() - t0)
 
-    def _grounded(self, question: str) -> Answer:
+    def _grounded(self, question: str, precheck: bool) -> Answer:
         """Retrieve; abstain without the model when the manual cannot hold the answer; else ask and judge."""
         g = self.grounder
         hits = g.retrieve(question)
-        pre = g.precheck(question, hits)
+        pre = g.precheck(question, hits) if precheck else None
         if pre is not None:
             return Answer(ABSTAIN, None, 0, 0.0, judgement=pre, hits=tuple(hits), question=question)
         # as many passages as leave room for a whole answer; with one left, whatever room remains

@@ -50,12 +50,13 @@ def parity_gate(hf_dir: Path, files: dict[str, Path], tmp: Path, lora: Path | No
     evals = evals or []
     # greedy paths on the fixed prompts and every eval prompt, checked where torch was decisive
     prompts = [tok(p).input_ids for p in GATE_PROMPTS] + [e["ids"] for e in evals]
-    results = run_child(files, prompts, tmp, lora, evals)
+    keep = keep_rows(prompts)
+    results = run_child(files, prompts, tmp, lora, evals, keep)
     gate_type = next((t for t in ("f16", "f32", "bf16") if t in files), next(iter(files)))
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     report: dict = {"gate_file": files[gate_type].name, "files": {}}
     for t, res in results.items():
-        report["files"][t] = _compare_logits(model, prompts, res, tmp / f"logits-{t}.npz")
+        report["files"][t] = _compare_logits(model, prompts, keep, res, tmp / f"logits-{t}.npz")
     problems = _tokenization_problems(tok, results[gate_type])
     if evals:
         problems += _eval_tokenization_problems(evals, results[gate_type])
@@ -104,9 +105,17 @@ def _eval_tokenization_problems(evals: list[dict], res: dict) -> list[str]:
     return []
 
 
+def keep_rows(prompts: list[list[int]]) -> list[int]:
+    """Per greedy prompt, the first logits row the child keeps: every row of the fixed gate prompts, and of an
+    eval prompt only the rows that choose generated tokens (its whole prompt's rows at a 49k vocabulary
+    would be ~50 MB a prompt, gigabytes a file, for rows the teacher-forced check covers anyway)."""
+    return [0 if i < len(GATE_PROMPTS) else len(p) - 1 for i, p in enumerate(prompts)]
+
+
 def _teacher_forced(model, evals: list[dict], types: list[str], tmp: Path) -> dict[str, dict]:
     """Per file: top-1 agreement (with its 95% lower bound) and mean KL(torch || llama.cpp) over the answer
-    positions of the eval conversations; one torch pass per conversation, reduced at once (edgeft.parity_stats)."""
+    positions of the eval conversations; one torch pass per conversation, reduced at once (edgeft.parity_stats).
+    The child saved only those rows."""
     import torch
 
     stats = {t: Agreement() for t in types}
@@ -117,7 +126,7 @@ def _teacher_forced(model, evals: list[dict], types: list[str], tmp: Path) -> di
                 ref = model(torch.tensor([e["full"]])).logits[0].float().numpy()
             s, end = e["start"] - 1, len(e["full"]) - 1  # the rows that predict the answer
             for t in types:
-                stats[t].add(ref[s:end], saved[t][f"arr_{i}"][s:end], label=f"eval {i}")
+                stats[t].add(ref[s:end], saved[t][f"arr_{i}"], label=f"eval {i}")
             del ref
     out = {}
     for t, a in stats.items():
@@ -126,8 +135,8 @@ def _teacher_forced(model, evals: list[dict], types: list[str], tmp: Path) -> di
     return out
 
 
-def _compare_logits(model, prompts: list[list[int]], res: dict, npz: Path) -> dict:
-    """llama.cpp logits and greedy path vs torch fp32 teacher-forced on the same ids."""
+def _compare_logits(model, prompts: list[list[int]], keep: list[int], res: dict, npz: Path) -> dict:
+    """llama.cpp logits and greedy path vs torch fp32 teacher-forced on the same ids (the rows from keep[i])."""
     import torch
 
     worst, scale, agree, total, decisive = 0.0, 0.0, 0, 0, []
@@ -135,11 +144,11 @@ def _compare_logits(model, prompts: list[list[int]], res: dict, npz: Path) -> di
         for i, (prompt, greedy) in enumerate(zip(prompts, res["greedy"])):
             seq = prompt + greedy
             with torch.no_grad():
-                ref = model(torch.tensor([seq])).logits[0].float().numpy()
+                ref = model(torch.tensor([seq])).logits[0].float().numpy()[keep[i]:]
             got = saved[f"arr_{i}"]
             err = float(np.abs(got - ref).max())
             worst, scale = max(worst, err), max(scale, float(np.abs(ref).max()))
-            rows = ref[len(prompt) - 1:len(seq) - 1]  # the rows that chose each generated token
+            rows = ref[len(prompt) - 1 - keep[i]:len(seq) - 1 - keep[i]]  # the rows that chose each generated token
             for j, token in enumerate(greedy):
                 best = int(rows[j].argmax())
                 total += 1
@@ -153,12 +162,13 @@ def _compare_logits(model, prompts: list[list[int]], res: dict, npz: Path) -> di
 
 
 def run_child(files: dict[str, Path], prompts: list[list[int]], tmp: Path,
-              lora: Path | None = None, evals: list[dict] | None = None) -> dict[str, dict]:
+              lora: Path | None = None, evals: list[dict] | None = None, keep: list[int] | None = None
+              ) -> dict[str, dict]:
     """Run _child_main in a fresh interpreter; a crash names the file that was loading."""
     job = {"files": {t: str(p) for t, p in files.items()}, "texts": list(GATE_TEXTS),
-           "prompts": prompts, "max_new": _GATE_NEW_TOKENS, "out": str(tmp),
+           "prompts": prompts, "keep": keep or [0] * len(prompts), "max_new": _GATE_NEW_TOKENS, "out": str(tmp),
            "lora": str(lora) if lora else None, "eval_texts": [e["prompt"] for e in evals or []],
-           "eval_full": [e["full"] for e in evals or []]}
+           "eval_full": [e["full"] for e in evals or []], "eval_start": [e["start"] for e in evals or []]}
     code = "from edgeft.gguf.parity import child_main; child_main()"
     try:
         proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True,
@@ -192,8 +202,11 @@ def child_main() -> None:
             gens = [rt.generate(p, job["max_new"]) for p in job["prompts"]]
             greedy = [g.tokens for g in gens]
             out = Path(job["out"])
-            savez_streaming(out / f"logits-{t}.npz", (rt.logits(p + g) for p, g in zip(job["prompts"], greedy)))
-            savez_streaming(out / f"tf-{t}.npz", (rt.logits(f) for f in job["eval_full"]))
+            savez_streaming(out / f"logits-{t}.npz", (rt.logits(p + g)[k:] for p, g, k in
+                                                      zip(job["prompts"], greedy, job["keep"])))
+            # teacher-forced: only the rows that predict the answer tokens
+            savez_streaming(out / f"tf-{t}.npz", (rt.logits(f)[s - 1:len(f) - 1] for f, s in
+                                                  zip(job["eval_full"], job["eval_start"])))
             print(json.dumps({"type": t, "greedy": greedy, "stopped": [g.stopped_at_eos for g in gens],
                               "tokens": [rt.tokenize(s, add_bos=False) for s in job["texts"]],
                               "tokens_special": [rt.tokenize(s, add_bos=True) for s in job["texts"]],

@@ -39,8 +39,8 @@ class Config:
     train_phrasings: int = opt(0, "at most this many training phrasings per fact (0 = all)")
     retrieval_k: int = opt(0, "retrieval-augmented tuning: passages per prompt from the bundle's retriever "
                               "(0 = closed-book records)")
-    retrieval_oracle: float = opt(0.8, "share of training questions whose answering passage is in the prompt (the "
-                                       "rest see distractors only and learn to abstain)")
+    retrieval_negatives: float = opt(0.2, "share of answerable training questions asked a second time with "
+                                          "distractors only (their passage removed), target: abstain")
     retrieval_words: int = opt(80, "manual lines longer than this many words are cut into passages (0 = never)")
 
 
@@ -89,10 +89,10 @@ def validate(cfg: Config) -> None:
     """Refuse an unknown format, a missing file or a share out of range before anything runs."""
     if cfg.format not in FORMATS:
         raise UserError(f"data.format: '{cfg.format}' is not one of {', '.join(FORMATS)}")
-    for key in ("heldout_facts", "retrieval_oracle"):
-        if not 0 <= getattr(cfg, key) < 1 or (key == "retrieval_oracle" and getattr(cfg, key) == 0):
-            raise UserError(f"data.{key}: {getattr(cfg, key)} is not a share in "
-                            f"{'[0, 1)' if key == 'heldout_facts' else '(0, 1)'}")
+    if not 0 <= cfg.heldout_facts < 1:
+        raise UserError(f"data.heldout_facts: {cfg.heldout_facts} is not a share in [0, 1)")
+    if not 0 <= cfg.retrieval_negatives <= 1:
+        raise UserError(f"data.retrieval_negatives: {cfg.retrieval_negatives} is not a share in [0, 1]")
     if cfg.unanswerable < 0 or cfg.retrieval_k < 0 or cfg.train_phrasings < 0 or cfg.retrieval_words < 0:
         raise UserError("data.unanswerable, retrieval_k, train_phrasings and retrieval_words must be >= 0")
     if cfg.retrieval_k and cfg.manual_heldout:
@@ -125,9 +125,11 @@ def _shape_for_retrieval(cfg: Config, train: list[dict], evals: list[dict], tmp:
         spec = grounding.Spec(k=cfg.retrieval_k, max_words=cfg.retrieval_words)
         g = grounding.Grounder(manual, MANUAL_FILE, spec)
         n = len(train)
-        train = raft.ground(train, g, cfg.retrieval_oracle, cfg.seed, train=True)
-        info["ungrounded_train_dropped"] = n - len(train)
-        evals = raft.ground(evals, g, cfg.retrieval_oracle, cfg.seed, train=False)
+        train = raft.ground(train, g, cfg.retrieval_negatives, cfg.seed, train=True)
+        negatives = sum(bool(r.get("grounding", {}).get("negative")) for r in train)
+        info["ungrounded_train_dropped"] = n - (len(train) - negatives)
+        info["train_negatives"] = negatives
+        evals = raft.ground(evals, g, 0.0, cfg.seed, train=False)
         (tmp / RETRIEVAL_FILE).write_text(json.dumps(spec.to_dict(), indent=1) + "\n")
         found = [r["grounding"]["oracle_retrieved"] for r in evals if r["grounding"]["oracle_retrieved"] is not None]
         info["retrieval"] = {**spec.to_dict(), "eval_recall_at_k": round(sum(found) / len(found), 4) if found else None}

@@ -107,10 +107,3 @@ def bnb_config(quant_type: str, double_quant: bool, compute_dtype):
                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MiB."""
-    import resource
-    import sys
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kb / (2**20 if sys.platform == "darwin" else 2**10), 1)

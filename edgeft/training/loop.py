@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from edgeft import rss
 from edgeft.errors import UserError
 from edgeft.training import batching, checkpoint, dist, hf_io
 from edgeft.training.batching import collate  # noqa: F401  (part of this module's interface)
@@ -150,7 +151,7 @@ def fit(model, train: list, evals: list, cfg, device, pad_id: int, *, loss_fn=No
             "best_step": state["best_step"], "stopped_early": state["stopped_early"], "restored_best": restored,
             "resumed_from_step": resumed, "tokens": all_tokens,
             "tokens_per_s": round(run_tokens / max(wall, 1e-9), 1), "train_s": round(wall, 2),
-            "packing": o["packing"], "world_size": world, "peak_rss_mb": hf_io.peak_rss_mb(),
+            "packing": o["packing"], "world_size": world, "peak_rss_mb": rss.peak_mb(),
             "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None}
 
 

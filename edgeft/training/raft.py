@@ -1,10 +1,14 @@
 """Retrieval-augmented fine-tuning data (RAFT-style), held-out facts and unanswerable questions. Torch-free.
 
 Every question gets the top-k passages of the retriever the bundle ships (edgeft.runtime.grounding).
-In training, a share `oracle` of the answerable questions is sure to see the passage that answers it
-(put in place of the last hit when retrieval missed it) and learns to answer from it and cite it; the
-rest see only distractors (that passage removed from the ranking) and learn to say the manual does not
-cover it, as do the generated unanswerable questions. Eval questions get the plain top-k, as on the
+In training, every answerable question sees the passage that answers it (put in place of the last hit
+when retrieval missed it) and learns to answer from it and cite it. A share `negatives` of them is
+also asked a second time with only distractors (that passage removed from the ranking) and learns to
+say the manual does not cover it, as do the generated unanswerable questions. The pairs are
+contrastive on purpose: the same question, answered with its passage and refused without it, is only
+learnable by reading the passages. (Showing a share of questions *only* without their passage, as
+RAFT's recipe does, taught SmolLM2 to refuse those questions themselves: with one phrasing per fact,
+20% distractor-only gave 15% false abstention on trained facts with the passage retrieved.) Eval questions get the plain top-k, as on the
 device, and record whether the answering passage was retrieved (recall@k).
 
 A fact is a distinct answer: holding a fact out removes every phrasing of it from tuning, while its
@@ -92,45 +96,45 @@ def _fabricate(word: str, manual_tokens: set[str], rng: random.Random) -> str | 
     return None
 
 
-def ground(records: list[dict], grounder: G.Grounder, oracle_share: float, seed: int, train: bool) -> list[dict]:
+def ground(records: list[dict], grounder: G.Grounder, negatives: float, seed: int, train: bool) -> list[dict]:
     """Each question record as its grounded chat: top-k passages in the prompt, citing target or ABSTAIN.
 
-    Train records follow the oracle/distractor mix (an answerable one no passage holds is left out: there
-    is nothing to ground it in); eval records keep the retriever's own top-k. Records without a question
-    (raw text) pass through unchanged."""
+    Train records get their answering passage and, for a share `negatives`, a second distractor-only copy
+    that abstains (an answerable one no passage holds is left out: there is nothing to ground it in); eval
+    records keep the retriever's own top-k. Records without a question (raw text) pass through unchanged."""
     rng = random.Random(seed)
+    k = grounder.spec.k
+    passages = grounder.index.passages
     out = []
+
+    def chat(rec: dict, q: str, hits: list, reply: str, **meta) -> dict:
+        msgs = grounder.messages(q, hits) + [{"role": "assistant", "content": reply}]
+        meta = {"question": q, "passages": [[h.passage.line, h.passage.part] for h in hits], **meta}
+        return {**{k2: v for k2, v in rec.items() if k2 != "messages"}, "messages": msgs, "grounding": meta}
+
     for rec in records:
         q = question_of(rec)
         if q is None:
             out.append(rec)
             continue
         answerable = rec.get("split") != SPLIT_UNANSWERABLE
-        ranking = grounder.index.search(q, k=len(grounder.index.passages))
+        ranking = grounder.index.search(q, k=len(passages))
         o = G.oracle(grounder.index, q, rec["answer"], rec.get("key")) if answerable else None
-        if train and answerable and o is None:  # no passage holds the answer: nothing to ground it in
-            continue
-        positions = [h.passage for h in ranking]
-        want_oracle = answerable and o is not None and (not train or rng.random() < oracle_share)
-        k = grounder.spec.k
-        if train and want_oracle:
+        if not answerable:
+            out.append(chat(rec, q, ranking[:k], G.ABSTAIN, oracle_retrieved=None))
+        elif not train:
+            cite = next((i for i, h in enumerate(ranking[:k], 1) if o is not None and h.passage == passages[o]), None)
+            # an answer whose passage was not retrieved keeps the reference answer (scored by its key)
+            reply = G.target(rec["answer"], cite) if cite else rec["answer"].strip()
+            out.append(chat(rec, q, ranking[:k], reply, oracle_retrieved=cite is not None if o is not None else None))
+        elif o is not None:
             hits = ranking[:k]
-            if grounder.index.passages[o] not in positions[:k]:
-                hit = next(h for h in ranking if h.passage == grounder.index.passages[o]) \
-                    if grounder.index.passages[o] in positions else G.Hit(grounder.index.passages[o], 0.0)
+            if all(h.passage != passages[o] for h in hits):
+                hit = next((h for h in ranking if h.passage == passages[o]), G.Hit(passages[o], 0.0))
                 hits = hits[: k - 1] + [hit]
-        elif train:
-            hits = [h for h in ranking if o is None or h.passage != grounder.index.passages[o]][:k]
-        else:
-            hits = ranking[:k]
-        cite = next((i for i, h in enumerate(hits, 1) if o is not None and h.passage == grounder.index.passages[o]),
-                    None)
-        if not answerable or (not want_oracle and train):
-            cite = None
-        # an eval answer whose passage was not retrieved keeps the reference answer (scored by its key)
-        reply = rec["answer"].strip() if not train and answerable and cite is None else G.target(rec["answer"], cite)
-        msgs = grounder.messages(q, hits) + [{"role": "assistant", "content": reply}]
-        meta = {"question": q, "passages": [[h.passage.line, h.passage.part] for h in hits],
-                "oracle_retrieved": cite is not None if answerable and o is not None else None}
-        out.append({**{k2: v for k2, v in rec.items() if k2 != "messages"}, "messages": msgs, "grounding": meta})
+            cite = next(i for i, h in enumerate(hits, 1) if h.passage == passages[o])
+            out.append(chat(rec, q, hits, G.target(rec["answer"], cite), oracle_retrieved=True))
+            if rng.random() < negatives:
+                hits = [h for h in ranking if h.passage != passages[o]][:k]
+                out.append(chat(rec, q, hits, G.ABSTAIN, oracle_retrieved=False, negative=True))
     return out

@@ -19,6 +19,9 @@ def test_smoke_asks_each_split_and_revises_the_manual(tmp_path):
         assert s["unverified"] == s["status"]["unverified"] / 2, name
     # every unanswerable question names an identifier the manual lacks: the runtime abstains before the model
     assert splits["unanswerable"]["runtime_abstention"] == 1.0
+    # asked again with the pre-check off, the model itself answers them (random weights: it cannot abstain)
+    own = rep["unanswerable_without_precheck"]
+    assert own["questions"] == 2 and own["model_abstention"] == 0.0
     rev = rep["revision"]
     assert rev["facts"] == 2 and len(rev["examples"]) == 2
     for ex in rev["examples"]:

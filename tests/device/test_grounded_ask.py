@@ -181,6 +181,9 @@ def test_unknown_identifier_abstains_without_running_the_model(bundle, monkeypat
     assert ans.render() == f"The manual does not cover this (no passage mentions {missing})."
     asker.ask(f"What does fault code {code} mean on the {model}?")
     assert len(asker.rt.calls) == 1  # a code the manual holds goes to the model
+    # with the pre-check off (measuring the model's own abstention) the unknown code reaches the model
+    ans = asker.ask(f"What does fault code {missing} mean on the {model}?", precheck=False)
+    assert len(asker.rt.calls) == 2 and ans.status != G.NOT_IN_MANUAL
 
 
 def test_unknown_identifier_torch_free_cli(bundle):

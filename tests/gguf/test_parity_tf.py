@@ -35,7 +35,9 @@ def test_teacher_forced_matches_a_direct_computation(tmp_path):
 
     noisy = [ref_logits[tuple(e["full"])] + rng.normal(0, 1.5, (len(e["full"]), vocab)).astype(np.float32)
              for e in evals]
-    gguf_parity.savez_streaming(tmp_path / "tf-q8_0.npz", noisy)
+    # the child keeps only the rows that predict the answer tokens
+    gguf_parity.savez_streaming(tmp_path / "tf-q8_0.npz",
+                                (n[e["start"] - 1:len(e["full"]) - 1] for n, e in zip(noisy, evals)))
     got = gguf_parity._teacher_forced(Model(), evals, ["q8_0"], tmp_path)["q8_0"]
 
     hits = total = 0
@@ -53,3 +55,9 @@ def test_teacher_forced_matches_a_direct_computation(tmp_path):
     assert got["tf_positions"] == total and got["tf_prompts"] == 4
     assert got["tf_top1_agreement"] == hits / total and got["tf_kld"] == pytest.approx(kl / total, rel=1e-9)
     assert 0.0 < got["tf_top1_lower95"] < got["tf_top1_agreement"]
+
+
+def test_the_child_keeps_whole_gate_prompts_and_only_the_generated_rows_of_eval_prompts():
+    n = len(gguf_parity.GATE_PROMPTS)
+    prompts = [[1, 2, 3]] * n + [[5, 6, 7, 8], [9]]
+    assert gguf_parity.keep_rows(prompts) == [0] * n + [3, 0]

@@ -49,32 +49,41 @@ def test_unanswerable_questions_name_what_the_manual_lacks(manual):
         assert [c.isdigit() for c in q] == [c.isdigit() for c in r["source_question"]]
 
 
-def test_grounded_training_mixes_oracle_and_distractors(manual):
+def test_grounded_training_pairs_each_answer_with_a_distractor_only_refusal(manual):
     text = manual.text()
     g = G.Grounder(text, "manual.txt", G.Spec(k=3))
     recs = _records(manual)[:200]
-    out = raft.ground(recs, g, oracle_share=0.7, seed=0, train=True)
-    cited = 0
-    for r, src in zip(out, recs):
-        reply = r["messages"][-1]["content"]
-        shown = [g.index.passages[i] for i in range(len(g.index.passages))
-                 if [g.index.passages[i].line, g.index.passages[i].part] in r["grounding"]["passages"]]
-        assert len(r["grounding"]["passages"]) == 3
-        o = g.index.passages[G.oracle(g.index, src["messages"][0]["content"], src["answer"], src["key"])]
-        if reply == G.ABSTAIN:
-            assert o not in shown  # distractors only
+    out = raft.ground(recs, g, negatives=0.3, seed=0, train=True)
+    by_q: dict = {}
+    for r in out:
+        by_q.setdefault(r["grounding"]["question"], []).append(r)
+    assert len(by_q) == len(recs)  # every answerable question is kept, with its passage
+    pairs = 0
+    for src in recs:
+        q = src["messages"][0]["content"]
+        got = by_q[q]
+        o = g.index.passages[G.oracle(g.index, q, src["answer"], src["key"])]
+        assert src["key"].lower() in o.text.lower()
+        answer = got[0]
+        body, n = G.split_citation(answer["messages"][-1]["content"])
+        assert body == src["answer"] and [o.line, o.part] == answer["grounding"]["passages"][n - 1]
+        assert o.text in answer["messages"][1]["content"].splitlines()[n][4:]
+        if len(got) == 2:  # the same question again, its passage taken away: refuse
+            pairs += 1
+            neg = got[1]
+            assert neg["messages"][-1]["content"] == G.ABSTAIN and neg["grounding"]["negative"]
+            assert len(neg["grounding"]["passages"]) == 3 and [o.line, o.part] not in neg["grounding"]["passages"]
         else:
-            cited += 1
-            body, n = G.split_citation(reply)
-            assert body == src["answer"] and o.text in r["messages"][1]["content"].splitlines()[n][4:]
-            assert src["key"].lower() in o.text.lower()
-    assert 0.6 < cited / len(recs) < 0.8
+            assert len(got) == 1
+    assert 0.2 < pairs / len(recs) < 0.4
+    assert raft.ground(recs, g, negatives=0.0, seed=0, train=True) == [by_q[r["messages"][0]["content"]][0]
+                                                                       for r in recs]
 
 
 def test_eval_records_keep_the_retrievers_top_k_and_report_recall(manual):
     g = G.Grounder(manual.text(), "manual.txt", G.Spec(k=3))
     recs = _records(manual, "eval_questions")[:80]
-    out = raft.ground(recs, g, oracle_share=0.8, seed=0, train=False)
+    out = raft.ground(recs, g, negatives=0.0, seed=0, train=False)
     for r, src in zip(out, recs):
         hits = g.retrieve(src["messages"][0]["content"])
         assert r["grounding"]["passages"] == [[h.passage.line, h.passage.part] for h in hits]
@@ -98,6 +107,7 @@ def test_data_stage_writes_grounded_splits_and_settings(tmp_path):
 @pytest.mark.parametrize("over,msg", [
     ({"retrieval_k": 3}, "data.manual_heldout: 0.05 moves manual lines"),
     ({"heldout_facts": 1.0}, "data.heldout_facts: 1.0 is not a share"),
+    ({"retrieval_k": 3, "manual_heldout": 0, "retrieval_negatives": 1.5}, "data.retrieval_negatives: 1.5"),
     ({"retrieval_k": 3, "manual_heldout": 0, "train": "x.jsonl"}, "needs the manual"),
 ])
 def test_data_refusals(tmp_path, over, msg):
@@ -112,7 +122,7 @@ def test_data_refusals(tmp_path, over, msg):
 def test_grounded_examples_are_refused_not_cut(tmp_path, tiny_tokenizer_dir):
     fmt = PromptFormatter(tiny_tokenizer_dir)
     g = G.Grounder(generate_manual(0).text(), "manual.txt", G.Spec(k=3))
-    recs = raft.ground(_records(generate_manual(0))[:4], g, 1.0, 0, train=True)
+    recs = raft.ground(_records(generate_manual(0))[:4], g, 0.0, 0, train=True)
     longest = max(len(examples.encode(fmt, [r], 4096)[0][0]) for r in recs)
     assert len(examples.encode(fmt, recs, longest)) == 4
     with pytest.raises(UserError, match=f"train.max_length {longest - 1} cuts 1 of 4 .* >= {longest}"):
@@ -129,5 +139,5 @@ def test_split_by_answer_eval_is_held_out_and_ungroundable_training_is_dropped()
     kept, tagged = raft.hold_out_facts(train, evals, 0.0, seed=0)
     assert kept == train and [r["split"] for r in tagged] == ["trained", "heldout"]  # 'Press Mute.' never tuned on
     g = G.Grounder(manual, "manual.txt", G.Spec(k=1))
-    out = raft.ground(kept, g, 1.0, 0, train=True)
+    out = raft.ground(kept, g, 0.0, 0, train=True)
     assert len(out) == 1 and out[0]["messages"][-1]["content"] == "Press Home to open the picture menu. [1]"
