@@ -92,3 +92,34 @@ def test_lineage_survives_moving_the_run_dir(tmp_path):
     # a different artifact at the recorded place is not the parent
     artifact.build(moved / "data", kind="data", stage="data", params={"x": 2}, parent=None, payload=lambda d: {})
     assert [x.stage for x in artifact.lineage(moved / "train")] == ["train"]
+
+
+def test_each_stage_records_its_own_peak_memory_and_its_childrens(tmp_path):
+    """In a fresh process (pytest's own children would set the children's high-water mark): a stage that
+    held 200 MiB, then one that held nothing, then one whose child held 150 MiB."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import json, subprocess, sys
+        from pathlib import Path
+        import numpy as np
+        from edgeft import artifact
+        out = Path({str(tmp_path)!r})
+        def big(tmp):
+            a = np.ones(200 * 2**20 // 8)
+            return {{"sum": float(a.sum())}}
+        def child(tmp):
+            subprocess.run([sys.executable, "-c", "import numpy as np; a = np.ones(150 * 2**20 // 8); a.sum()"],
+                           check=True)
+        got = [artifact.build(out / name, kind="hf", stage=name, params={{}}, parent=None, payload=fn).metrics
+               for name, fn in (("big", big), ("small", lambda tmp: None), ("child", child))]
+        print(json.dumps(got))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    big, small, child = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert big["peak_rss_scope"] == small["peak_rss_scope"] == "stage"  # Linux resets the count per stage
+    assert big["peak_rss_mb"] - small["peak_rss_mb"] > 150  # the 200 MiB held by the first is not the second's
+    assert "children_peak_rss_mb" not in big and child["children_peak_rss_mb"] > 150
+    assert child["peak_rss_mb"] < big["peak_rss_mb"] - 150  # the child's memory is not counted as the stage's own

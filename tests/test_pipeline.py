@@ -45,9 +45,20 @@ def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
     assert all((out / "bench" / p).read_bytes().startswith(b"\x89PNG") for p in REPORT_PLOTS)
     assert (out / "bench" / "report.csv").read_text().splitlines()[0].startswith("name,format,quant")
 
+    # after the report, each stage's wall time and peak memory from its manifest
+    table = proc.stdout[proc.stdout.index("Stages (wall time"):].splitlines()
+    rows = {r.split("|")[1].strip(): r.split("|")[2:6] for r in table if r.startswith("| ") and "stage" not in r}
+    for d in ("data", "train", "merge", "export_gguf", "export_onnx", "bench"):
+        m = json.loads((out / {"export_gguf": "gguf", "export_onnx": "onnx"}.get(d, d) / "manifest.json").read_text())
+        assert [c.strip() for c in rows[d][:2]] == [str(m["metrics"]["wall_s"]), str(m["metrics"]["peak_rss_mb"])], d
+        assert rows[d][3].strip() == ""  # built in this run
+    # the GGUF gate and the bench run child processes: the largest of them is recorded where it was set
+    assert any(c[2].strip() not in ("", "-") and float(c[2]) > 0 for c in rows.values())
+
     again = _run(out, home)  # every stage skipped: nothing ran again (no wall-time race on a shared box)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("[skip]") >= 6 and "[run ]" not in again.stdout
+    assert again.stdout.count("| cached |") >= 6
 
     show = subprocess.run([sys.executable, "-m", "edgeft.cli", "show", str(out / "bench")], capture_output=True, text=True)
     assert show.returncode == 0

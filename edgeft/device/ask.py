@@ -127,7 +127,7 @@ class Asker:
                             f"{self.n_ctx}-token context (runtime.n_ctx in {BUNDLE_FILE}); ask a shorter question")
         t0 = time.perf_counter()
         gen = self.rt.generate(ids, min(self.max_new_tokens, self.n_ctx - len(ids)))
-        j = g.judge(question, hits, self.fmt.decode(gen.tokens).strip())
+        j = g.judge(question, hits, self.fmt.decode(gen.tokens).strip(), precheck)
         return Answer(j.text, j.cited, len(gen.tokens), time.perf_counter() - t0, judgement=j, hits=tuple(hits),
                       question=question)
 

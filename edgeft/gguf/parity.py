@@ -35,7 +35,7 @@ _CHILD_TIMEOUT_S = 900
 
 
 def parity_gate(hf_dir: Path, files: dict[str, Path], tmp: Path, lora: Path | None = None,
-                evals: list[dict] | None = None, min_top1: dict[str, float] | None = None) -> dict:
+                evals: list[dict] | None = None, min_top1: dict[str, float] | None = None, threads: int = 1) -> dict:
     """Load every file in a subprocess; check the gate file's tokenization and logits against HF/torch.
 
     `hf_dir` is the reference model (the merged one when `lora` is applied over the files). `evals`
@@ -51,7 +51,7 @@ def parity_gate(hf_dir: Path, files: dict[str, Path], tmp: Path, lora: Path | No
     # greedy paths on the fixed prompts and every eval prompt, checked where torch was decisive
     prompts = [tok(p).input_ids for p in GATE_PROMPTS] + [e["ids"] for e in evals]
     keep = keep_rows(prompts)
-    results = run_child(files, prompts, tmp, lora, evals, keep)
+    results = run_child(files, prompts, tmp, lora, evals, keep, threads)
     gate_type = next((t for t in ("f16", "f32", "bf16") if t in files), next(iter(files)))
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     report: dict = {"gate_file": files[gate_type].name, "files": {}}
@@ -162,11 +162,11 @@ def _compare_logits(model, prompts: list[list[int]], keep: list[int], res: dict,
 
 
 def run_child(files: dict[str, Path], prompts: list[list[int]], tmp: Path,
-              lora: Path | None = None, evals: list[dict] | None = None, keep: list[int] | None = None
-              ) -> dict[str, dict]:
+              lora: Path | None = None, evals: list[dict] | None = None, keep: list[int] | None = None,
+              threads: int = 1) -> dict[str, dict]:
     """Run _child_main in a fresh interpreter; a crash names the file that was loading."""
-    job = {"files": {t: str(p) for t, p in files.items()}, "texts": list(GATE_TEXTS),
-           "prompts": prompts, "keep": keep or [0] * len(prompts), "max_new": _GATE_NEW_TOKENS, "out": str(tmp),
+    job = {"files": {t: str(p) for t, p in files.items()}, "texts": list(GATE_TEXTS), "prompts": prompts,
+           "keep": keep or [0] * len(prompts), "threads": threads, "max_new": _GATE_NEW_TOKENS, "out": str(tmp),
            "lora": str(lora) if lora else None, "eval_texts": [e["prompt"] for e in evals or []],
            "eval_full": [e["full"] for e in evals or []], "eval_start": [e["start"] for e in evals or []]}
     code = "from edgeft.gguf.parity import child_main; child_main()"
@@ -198,7 +198,7 @@ def child_main() -> None:
     n_ctx = max([len(p) + job["max_new"] for p in job["prompts"]] + [len(f) for f in job["eval_full"]])
     for t, path in job["files"].items():
         print(json.dumps({"loading": t}), flush=True)
-        with GGUFRuntime(path, n_threads=1, n_ctx=n_ctx, lora_path=job["lora"]) as rt:
+        with GGUFRuntime(path, n_threads=job["threads"], n_ctx=n_ctx, lora_path=job["lora"]) as rt:
             gens = [rt.generate(p, job["max_new"]) for p in job["prompts"]]
             greedy = [g.tokens for g in gens]
             out = Path(job["out"])

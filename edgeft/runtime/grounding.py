@@ -122,9 +122,10 @@ class Grounder:
             return Judgement(NOT_IN_MANUAL, ABSTAIN, None, missing)
         return None
 
-    def judge(self, question: str, hits: list[Hit], answer: str) -> Judgement:
-        """What the runtime makes of the model's answer to a grounded prompt (the pre-check first)."""
-        pre = self.precheck(question, hits)
+    def judge(self, question: str, hits: list[Hit], answer: str, precheck: bool = True) -> Judgement:
+        """What the runtime makes of the model's answer to a grounded prompt (the pre-check first, unless
+        `precheck=False`: the model's own answer, judged alone)."""
+        pre = self.precheck(question, hits) if precheck else None
         if pre is not None:
             return pre
         if is_abstention(answer):

@@ -51,8 +51,8 @@ class Config:
     types: tuple[str, ...] = opt(("f16", "q8_0", "q4_k_m"), "files to build, one per type (f32, f16, bf16, q8_0, "
                                                             "q6_k, q5_k_m, q4_k_m, q4_0); set by the device profile "
                                                             "(profile.gguf)")
-    threads: int = opt(2, "llama.cpp quantizer threads (the gate runs on one: it checks, it does not time); set by "
-                          "the device profile (profile.threads)")
+    threads: int = opt(2, "llama.cpp threads of the quantizer and the parity gate (llama.cpp's results do not depend "
+                          "on them); set by the device profile (profile.threads)")
     imatrix: bool = opt(False, "weigh q4_0/K-quant rounding by activations on the fine-tune data (chat template)")
     imatrix_samples: int = opt(256, "training conversations the importance matrix is computed on")
     adapter: bool = opt(False, "ship the base files + adapter-f32.gguf (llama.cpp LoRA) instead of a merged model")
@@ -106,7 +106,8 @@ def run(src: Artifact, cfg: Config, out: Path, *, data: Artifact | None = None) 
             evals = _eval_conversations(reference, data, cfg.parity_samples) if data is not None else []
             min_top1 = {t: variants.bar(variants.get("gguf", t), cfg) for t in files}
             min_top1 = {t: v for t, v in min_top1.items() if v is not None}
-            metrics["parity"] = gguf_parity.parity_gate(reference, files, tmp, lora, evals, min_top1)
+            metrics["parity"] = gguf_parity.parity_gate(reference, files, tmp, lora, evals, min_top1,
+                                                        threads=cfg.threads)
         return metrics
 
     inputs = {"data_id": data.id} if cfg.imatrix else None
