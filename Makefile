@@ -53,7 +53,7 @@ $(GENAI_STAMP): constraints-genai.txt
 # the 3.7M-parameter toy built here, and says so.
 DEMO_RECIPE ?= recipes/demo.yaml
 DEMO_FALLBACK ?= recipes/demo-toy.yaml
-DEMO_BENCH_SAMPLES ?= 40
+DEMO_BENCH_SAMPLES ?= 32
 demo: setup
 	@start=$$(date +%s); recipe=$(DEMO_RECIPE); over=profile.bench_samples=$(DEMO_BENCH_SAMPLES); \
 	if ! $(BIN)/python -m edgeft.demo.smollm2 >/dev/null; then \

@@ -43,9 +43,9 @@ def test_device_side_imports_no_training_code(path):
 
 
 def test_the_contract_imports_nothing_above_it():
-    for name in ("artifact.py", "constants.py", "errors.py", "host.py"):
+    for name in ("artifact.py", "constants.py", "errors.py", "host.py", "rss.py"):
         mods = {m for m in _imports(PKG / name) if m.startswith("edgeft")}
-        assert mods <= {"edgeft", "edgeft.constants", "edgeft.errors", "edgeft.constants.KINDS",
+        assert mods <= {"edgeft", "edgeft.constants", "edgeft.errors", "edgeft.rss", "edgeft.constants.KINDS",
                         "edgeft.constants.MANIFEST_NAME", "edgeft.constants.MANIFEST_VERSION",
                         "edgeft.constants.TMP_PREFIX", "edgeft.constants.EXIT_BAD_INPUT",
                         "edgeft.constants.EXIT_RUNTIME", "edgeft.errors.StageFailure",

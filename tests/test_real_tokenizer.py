@@ -77,4 +77,4 @@ def test_every_runtime_tokenizes_the_real_vocabulary_alike(real):
         assert fmt.prompt_ids(chat) == want
         assert ours_ll.tokenize(rendered.encode(), add_bos=True, special=True) == want
     # the chat template travels in the exported GGUF unchanged
-    assert ours_ll.metadata["tokenizer.chat_template"] == fmt.template_source()
+    assert ours_ll.metadata["tokenizer.chat_template"] == fmt.template_source

@@ -63,7 +63,7 @@ def test_make_demo_runs_smollm2_or_says_it_falls_back_to_the_toy(tmp_path, reach
     args = (tmp_path / "args").read_text().split()
     recipe = args[args.index("--recipe") + 1]
     if reachable:
-        assert recipe == "recipes/demo.yaml" and "profile.bench_samples=40" in args
+        assert recipe == "recipes/demo.yaml" and "profile.bench_samples=32" in args
         assert "falling back" not in proc.stdout
     else:
         assert recipe == "recipes/demo-toy.yaml" and not any(a.startswith("profile.") for a in args)

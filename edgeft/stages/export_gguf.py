@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import random
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,9 +182,35 @@ def _llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int, imatrix:
     if imatrix is not None:
         arr, _keep = gguf_imatrix.quantize_params_array(imatrix[0], imatrix[1])
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    # llama.cpp writes a line per tensor that falls back to another type (every row of a model whose width
+    # is not a multiple of 256, for K-quants): kept in a log beside the output, summed up in one line here
+    log_file = dst.with_name(dst.name + ".quantize.log")
+    with _stderr_to(log_file):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    text = log_file.read_text(errors="replace")
+    log_file.unlink()
     if rc != 0 or not dst.is_file():
-        raise StageFailure(f"llama.cpp quantization {src.name} -> {gguf_type} failed (code {rc})")
+        tail = "\n".join(text.strip().splitlines()[-5:])
+        raise StageFailure(f"llama.cpp quantization {src.name} -> {gguf_type} failed (code {rc}):\n{tail}")
+    fallbacks = sum("falling back" in line for line in text.splitlines())
+    if fallbacks:
+        print(f"[gguf] {gguf_type}: {fallbacks} tensors fell back to another type (their rows are not a multiple "
+              "of the type's block; listed in the manifest's files.*.fallbacks)", flush=True)
+
+
+@contextmanager
+def _stderr_to(path: Path):
+    """Send file descriptor 2 (C libraries' stderr) to `path` for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "wb") as f:
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _describe(path: Path, gguf_type: str, info: dict) -> dict:

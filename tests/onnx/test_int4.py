@@ -9,6 +9,7 @@ import numpy as np
 from edgeft.runtime.onnx import MODEL_FILE, OnnxRuntime
 from edgeft.stages import export_onnx as ex
 
+from tests.onnx.weights import graph_nodes, rms_rel, source_weights
 from conftest import NO_MIN
 
 
@@ -19,14 +20,9 @@ def _int4_weights(model_dir) -> dict[str, np.ndarray]:
     fp32 scales [N, K/block] and optional zero points (default 8): w = (code - zp) * scale. The embedding's
     GatherBlockQuantized holds signed int4 [vocab, hidden] and fp32 scales per block of the hidden axis.
     """
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(model_dir / MODEL_FILE)).graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    inits, nodes = graph_nodes(model_dir / MODEL_FILE)
     out = {}
-    for n in graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+    for n, attrs in nodes:
         if n.op_type == "MatMulNBits":
             k, n_out, bs = attrs["K"], attrs["N"], attrs["block_size"]
             packed = inits[n.input[1]].reshape(n_out, -1)
@@ -58,12 +54,6 @@ def _assert_within_symmetric_rtn(got: np.ndarray, ref: np.ndarray, name: str, bl
     assert float((err / step).max()) > 0.4, name  # really quantized to 4 bits
 
 
-def _source_weights(model_dir) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(model_dir / "model.safetensors")
-
-
 def _torch_logits_with(model_dir, weights: dict[str, np.ndarray], seqs) -> list[np.ndarray]:
     """Torch fp32 logits of the model with `weights` (torch names) put in place of its own."""
     import torch
@@ -77,10 +67,6 @@ def _torch_logits_with(model_dir, weights: dict[str, np.ndarray], seqs) -> list[
         return [model(torch.tensor([seq])).logits[0].numpy() for seq in seqs]
 
 
-def _rms_rel(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.sqrt(((got - ref) ** 2).mean() / (ref ** 2).mean()))
-
-
 def _assert_int4_runs_its_weights(model_dir, weights, tiny_llama_dir, torch_ref, bar: float) -> None:
     """The int4 graph's logits against torch running the very same (dequantized) weights: what is left is
     the runtime's arithmetic (accuracy_level 4 rounds activations to int8 in MatMulNBits). Against torch fp32
@@ -90,7 +76,7 @@ def _assert_int4_runs_its_weights(model_dir, weights, tiny_llama_dir, torch_ref,
     rt = OnnxRuntime(model_dir)
     try:
         refs = _torch_logits_with(tiny_llama_dir, weights, seqs)
-        errs = [_rms_rel(rt.logits(seq), ref) for seq, ref in zip(seqs, refs)]
+        errs = [rms_rel(rt.logits(seq), ref) for seq, ref in zip(seqs, refs)]
     finally:
         rt.close()
     assert max(errs) < bar, errs
@@ -99,7 +85,7 @@ def _assert_int4_runs_its_weights(model_dir, weights, tiny_llama_dir, torch_ref,
 def test_int4_weights_are_the_fp32_weights_within_the_rtn_bound(exported, tiny_llama_dir, torch_ref):
     """Every int4 weight (15 MatMulNBits and the embedding), decoded by hand, against the torch fp32 source;
     then the graph's logits against torch running those same int4 weights."""
-    src = _source_weights(tiny_llama_dir)
+    src = source_weights(tiny_llama_dir)
     got = _int4_weights(exported.path / "int4")
     assert set(got) == {k for k, v in src.items() if v.ndim == 2}  # every matrix, the embedding included
     for name, w in got.items():
@@ -124,7 +110,7 @@ def test_int4_hqq_is_asymmetric_with_accuracy_level(hf, exported, torch_ref, tin
     # HQQ optimises each block's scale and zero point for the error RTN only rounds: per matrix, its relative
     # (Frobenius) error against the torch fp32 source must be below the symmetric RTN export's. Measured:
     # HQQ 0.075-0.076, RTN 0.085-0.086 on every matrix; a broken scale or zero point is far above both.
-    src = _source_weights(tiny_llama_dir)
+    src = source_weights(tiny_llama_dir)
     hqq, rtn = _int4_weights(art.path / "int4"), _int4_weights(exported.path / "int4")
     assert set(hqq) == set(rtn)
     for name in hqq:
@@ -148,7 +134,7 @@ def test_int4_embeddings_off_keeps_the_embedding_fp32_and_costs_bytes(hf, export
     assert t["size_bytes"] > exported.metrics["types"]["int4"]["size_bytes"]
     from onnx import numpy_helper
 
-    src = _source_weights(tiny_llama_dir)
+    src = source_weights(tiny_llama_dir)
     graph = onnx.load(str(art.path / "int4" / MODEL_FILE)).graph
     emb = next(numpy_helper.to_array(i) for i in graph.initializer if i.name == "model.embed_tokens.weight")
     np.testing.assert_array_equal(emb, src["model.embed_tokens.weight"])  # the fp32 embedding, untouched

@@ -11,6 +11,7 @@ from edgeft.onnx import quant as Q
 from edgeft.runtime.onnx import MODEL_FILE, OnnxRuntime
 from edgeft.stages import export_onnx as ex
 
+from tests.onnx.weights import graph_nodes, rms_rel, source_weights
 from conftest import NO_MIN, _hf_artifact
 
 
@@ -20,14 +21,9 @@ def _int8_weights(model_dir) -> dict[str, np.ndarray]:
     MatMulNBits (bits 8) holds W^T as [N, K/block, block] bytes, one code per byte, fp32 scales [N, K/block] and,
     symmetric, no zero points (the op's default 128): w = (code - 128) * scale. GatherBlockQuantized (bits 8)
     holds uint8 [vocab, hidden] and fp32 scales per block of the hidden axis, zero point 128 likewise."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(model_dir / MODEL_FILE)).graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    inits, nodes = graph_nodes(model_dir / MODEL_FILE)
     out = {}
-    for n in graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+    for n, attrs in nodes:
         if n.op_type == "MatMulNBits":
             assert attrs["bits"] == 8 and not (len(n.input) > 3 and n.input[3]), n.name
             k, n_out, bs = attrs["K"], attrs["N"], attrs["block_size"]
@@ -58,12 +54,6 @@ def _assert_within_rtn(got: np.ndarray, ref: np.ndarray, name: str, block: int, 
     assert float((err / step).max()) > 0.3, name  # really rounded to 8 bits
 
 
-def _source_weights(model_dir) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(model_dir / "model.safetensors")
-
-
 def _torch_logits_with(model_dir, weights: dict[str, np.ndarray], seqs) -> list[np.ndarray]:
     """Torch fp32 logits of the model with `weights` (torch names) in place of its own (a tied head unties)."""
     import torch
@@ -79,10 +69,6 @@ def _torch_logits_with(model_dir, weights: dict[str, np.ndarray], seqs) -> list[
         return [model(torch.tensor([seq])).logits[0].numpy() for seq in seqs]
 
 
-def _rms_rel(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.sqrt(((got - ref) ** 2).mean() / (ref ** 2).mean()))
-
-
 def test_int8_weights_are_the_fp32_weights_within_half_a_step(hf, tiny_llama_dir, torch_ref):
     """Without smoothing, every matrix (15 MatMulNBits, the embedding's GatherBlockQuantized) is within the 8-bit
     rounding bound of the torch fp32 source; the graph's logits against torch running those same 8-bit weights."""
@@ -91,14 +77,14 @@ def test_int8_weights_are_the_fp32_weights_within_half_a_step(hf, tiny_llama_dir
     assert q == {"method": "weight-only MatMulNBits", "bits": 8, "block_size": 16, "symmetric": True,
                  "accuracy_level": 4, "matmulnbits_nodes": 15, "untied_transposes": 0,
                  "embeddings": "int8 (1 GatherBlockQuantized)", "float_matmuls": [], "calibration": {"prompts": 0}}
-    src = _source_weights(tiny_llama_dir)
+    src = source_weights(tiny_llama_dir)
     got = _int8_weights(art.path / "int8")
     assert set(got) == {k for k, v in src.items() if v.ndim == 2}  # every matrix, the embedding and head included
     for name, w in got.items():
         _assert_within_rtn(w, src[name], name, 16, 127 if name == "model.embed_tokens.weight" else 128)
     seqs = [ids + new for ids, new, _ in torch_ref]
     rt = OnnxRuntime(art.path / "int8")
-    errs = [_rms_rel(rt.logits(s), r) for s, r in zip(seqs, _torch_logits_with(tiny_llama_dir, got, seqs))]
+    errs = [rms_rel(rt.logits(s), r) for s, r in zip(seqs, _torch_logits_with(tiny_llama_dir, got, seqs))]
     rt.close()
     # what is left is the runtime's arithmetic: int8 activations per block (accuracy_level 4) measured
     # 0.004-0.005 rms relative; against torch fp32 weights the 8-bit weights alone add about as much
@@ -112,7 +98,7 @@ def test_default_int8_is_smoothed_calibrated_and_close_to_torch(exported, torch_
     # no eval data here: the calibration falls back to the parity prompts, and says so
     assert q["calibration"] == {"prompts": 4, "disjoint_from_parity_sample": False}
     rt = OnnxRuntime(exported.path / "int8")
-    errs = [_rms_rel(rt.logits(ids + new), ref) for ids, new, ref in torch_ref]
+    errs = [rms_rel(rt.logits(ids + new), ref) for ids, new, ref in torch_ref]
     rt.close()
     # measured 0.034-0.035 rms relative (0.027-0.032 unsmoothed, int4 0.42-0.45): on random weights every layer's
     # rounding compounds; a wiring or smoothing bug lands near 1
@@ -161,7 +147,7 @@ def test_smoothing_is_exact_in_fp32_and_takes_the_outliers_out_of_int8(tmp_path,
     for alpha in (0.0, 0.5):
         art = ex.run(src, ex.Config(types=("fp32", "int8"), int8_smooth_alpha=alpha, **NO_MIN), tmp_path / f"a{alpha}")
         rt = OnnxRuntime(art.path / "int8")
-        errs[alpha] = max(_rms_rel(rt.logits(s), r) for s, r in zip(seqs, refs))
+        errs[alpha] = max(rms_rel(rt.logits(s), r) for s, r in zip(seqs, refs))
         rt.close()
     # measured: 0.48 rms relative without smoothing, 0.040 with (0.035 on the model without outliers)
     assert errs[0.5] < 0.25 * errs[0.0] and errs[0.5] < 0.07, errs
@@ -198,13 +184,13 @@ def test_a_tied_head_is_untied_and_quantized_not_left_fp32(tmp_path, tiny_bpe_ll
     table = 512 * 256  # vocab x hidden: the fp32 vocabulary matrix the Transpose used to read
     assert not [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) == table]
     got = _int8_weights(art.path / "int8")
-    emb = _source_weights(tiny_bpe_llama_dir)["model.embed_tokens.weight"]
+    emb = source_weights(tiny_bpe_llama_dir)["model.embed_tokens.weight"]
     _assert_within_rtn(got["lm_head.weight"], emb, "lm_head (tied)", 32, 128)
     _assert_within_rtn(got["model.embed_tokens.weight"], emb, "embedding", 32, 127)
     assert art.metrics["types"]["int8"]["size_bytes"] < 0.35 * art.metrics["types"]["fp32"]["size_bytes"]
     seqs = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42]]
     rt = OnnxRuntime(art.path / "int8")
-    errs = [_rms_rel(rt.logits(s), r) for s, r in zip(seqs, _torch_logits_with(tiny_bpe_llama_dir, got, seqs))]
+    errs = [rms_rel(rt.logits(s), r) for s, r in zip(seqs, _torch_logits_with(tiny_bpe_llama_dir, got, seqs))]
     rt.close()
     assert max(errs) < 1e-4, errs  # accuracy_level 0: fp32 activations, torch's arithmetic on the same weights
 
