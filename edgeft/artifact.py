@@ -275,15 +275,10 @@ def build(out: str | Path, *, kind: str, stage: str, params: Any, parent: Artifa
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    t0, children0, own_peak = time.time(), rss.children_peak_mb(), rss.reset_peak()
+    t0, peak = time.time(), rss.Stage()
     try:
         metrics = payload(staging) or {}
-        metrics.setdefault("wall_s", round(time.time() - t0, 3))
-        # this process's peak during the stage (since exec where the OS cannot reset it), and its children's
-        metrics.setdefault("peak_rss_mb", rss.peak_mb())
-        metrics.setdefault("peak_rss_scope", "stage" if own_peak else "process")
-        if rss.children_peak_mb() > children0:
-            metrics.setdefault("children_peak_rss_mb", rss.children_peak_mb())
+        metrics = {"wall_s": round(time.time() - t0, 3), **peak.metrics(), **metrics}  # a stage's own win
         files = {str(p.relative_to(staging)): {"sha256": sha256_file(p), "size": p.stat().st_size}
                  for p in sorted(staging.rglob("*")) if p.is_file()}
         metrics.setdefault("size_bytes", sum(f["size"] for f in files.values()))

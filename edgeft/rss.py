@@ -38,3 +38,19 @@ def reset_peak() -> bool:
 def children_peak_mb() -> float:
     """The largest peak RSS of any child process waited for so far, MiB (0 when none)."""
     return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * _KIB_PER_UNIT / 1024, 1)
+
+
+class Stage:
+    """One stage's peak memory: this process's own (its count restarted here where the OS can) and, when a
+    child it waited for set a new largest peak, the children's."""
+
+    def __init__(self) -> None:
+        self._children0 = children_peak_mb()
+        self._own = reset_peak()
+
+    def metrics(self) -> dict:
+        """peak_rss_mb, its scope ('stage', or 'process' where the count could not restart), children's peak."""
+        out = {"peak_rss_mb": peak_mb(), "peak_rss_scope": "stage" if self._own else "process"}
+        if children_peak_mb() > self._children0:
+            out["children_peak_rss_mb"] = children_peak_mb()
+        return out
