@@ -57,8 +57,12 @@ def measure(variant: dict, samples: dict, ref_path: Path, save_ref: bool) -> dic
     lat = L.measure(rt, [it["prompt_ids"] for it in items], samples["prompt_lengths"], cfg["decode_tokens"],
                     cfg["warmup"], cfg["repeats"], samples.get("bos_id"))
     scores, gens, texts, ttft = {k: [] for k in ("em", "f1", "rl", "kf")}, [], [], []
-    for it in items:
-        g = rt.generate(it["prompt_ids"], cfg["max_new_tokens"])
+    prompts = [it["prompt_ids"] for it in items]
+    if hasattr(rt, "generate_batch"):  # torch: batched greedy (memory-bound decode), first tokens timed alone
+        results = rt.generate_batch(prompts, cfg["max_new_tokens"])
+    else:
+        results = (rt.generate(p, cfg["max_new_tokens"]) for p in prompts)
+    for it, g in zip(items, results):
         text = samples_decode(samples, g.tokens)
         gens.append(g.tokens)
         texts.append(text)

@@ -73,11 +73,11 @@ def run(src, cfg: Config, out: Path, sha256: str | None = None) -> artifact.Arti
     if path is None:
         raise UserError(f"base_import.source: {cfg.source} is not a .gguf file")
     sha256 = sha256 or artifact.sha256_file(path)
-    meta = read_metadata(path)
     # the id depends on the file's content, not on where it lies
     params = {"source_sha256": sha256}
 
     def payload(tmp: Path) -> dict:
+        meta = read_metadata(path)  # only on a miss: reading 49k vocabulary strings takes seconds
         _import(path, meta, tmp)
         return {"source": str(path), "source_quant_types": meta["tensor_types"], "architecture": meta["arch"],
                 "tokenizer": {k: meta[k] for k in ("model", "pre", "bos", "eos", "add_bos")}}
