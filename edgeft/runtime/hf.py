@@ -60,7 +60,6 @@ class HFRuntime:
         One token of a 135M fp32 model costs a read of all its weights (memory-bound on a CPU): a batch of 8
         decodes ~5x the tokens per second of one prompt. Each result's ttft_s is that prompt's own first
         forward, timed alone (a batch has no per-prompt first-token time); decode_s is its batch's."""
-        torch = self._torch
         results: list[GenResult | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for b in range(0, len(order), batch_size):

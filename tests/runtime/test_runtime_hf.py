@@ -24,11 +24,11 @@ def test_batched_rows_stop_at_their_own_eos(rt):
     prompts = [[1, 5, 9], [1, 40, 41, 42, 43]]
     free = [rt.generate(p, 5, ignore_eos=True).tokens for p in prompts]
     # make the first row's third greedy token its EOS: that row stops there, the other runs to the cap
-    rt.eos_ids = {free[0][2]} - set(free[1])
+    eos, rt.eos_ids = rt.eos_ids, {free[0][2]} - set(free[1])
     try:
         single = [rt.generate(p, 5) for p in prompts]
         batched = rt.generate_batch(prompts, 5)
     finally:
-        rt.eos_ids = {rt.model.config.eos_token_id}
+        rt.eos_ids = eos
     assert single[0].stopped_at_eos and single[0].tokens == free[0][:2]
     assert [(g.tokens, g.stopped_at_eos) for g in batched] == [(g.tokens, g.stopped_at_eos) for g in single]
