@@ -16,12 +16,19 @@ CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_
 SMOKE_CONFIG = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, max_position_embeddings=512)
 SMOKE_VOCAB = 512
+# Real-size shapes with random weights and the benchmarks' 32k vocab, for speed and memory where no weights can be
+# fetched: --model random:NAME. llama3.2-1b is Llama 3.2 1B's body (hidden 2048, 16 layers, GQA 32/8, MLP 8192,
+# tied embeddings), about 1.0B parameters with the 32k vocab instead of its 128k.
+SHAPES = {"llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                              num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True)}
+RANDOM = "random:"
 DEFAULT_DATA = ""  # the embedded demo QA; pass --data for a real set (the reference used emanual-tv qa.jsonl)
 
 
 def resolve_model(name: str, work: Path, smoke: bool) -> tuple[Path, dict]:
-    """(model dir, what it is): the tiny smoke model, the 58M random config (name ''), SmolLM2-135M-Instruct
-    ('smollm2': the pipeline's cached base_import of the registry's GGUF) or a local transformers model dir."""
+    """(model dir, what it is): the tiny smoke model, the 58M random config (name ''), a real-size random shape
+    ('random:NAME', NAME in SHAPES), SmolLM2-135M-Instruct ('smollm2': the pipeline's cached base_import of the
+    registry's GGUF) or a local transformers model dir."""
     from edgeft.constants import SMOLLM2
 
     if smoke:
@@ -29,6 +36,12 @@ def resolve_model(name: str, work: Path, smoke: bool) -> tuple[Path, dict]:
             {"name": "smoke (tiny Llama config)", "weights": "random"}
     if not name:
         return build_model(work / "model58m"), {"name": "58M Llama config", "weights": "random"}
+    if name.startswith(RANDOM):
+        shape = name[len(RANDOM):]
+        if shape not in SHAPES:
+            raise SystemExit(f"--model {name}: unknown shape; known: {', '.join(RANDOM + k for k in SHAPES)}")
+        return build_model(work / f"model-{shape}", config=SHAPES[shape]), \
+            {"name": f"{shape} shape", "weights": "random"}
     if name == SMOLLM2:
         from edgeft.demo import smollm2
         from edgeft.demo.base import cache_dir
@@ -40,7 +53,7 @@ def resolve_model(name: str, work: Path, smoke: bool) -> tuple[Path, dict]:
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise SystemExit(f"--model {name}: not a transformers model dir (no config.json); pass a local model dir, "
-                         f"'{SMOLLM2}', or nothing for the 58M random config")
+                         f"'{SMOLLM2}', {', '.join(RANDOM + k for k in SHAPES)}, or nothing for the 58M random config")
     return path, {"name": path.name, "weights": "pretrained"}
 
 
@@ -68,8 +81,8 @@ def build_model(out: Path, config: dict | None = None, tokenizer: Path | None = 
 
         vocab = len(AutoTokenizer.from_pretrained(tokenizer))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                                         rms_norm_eps=1e-5, **(config or CONFIG)))
+    model = LlamaForCausalLM(LlamaConfig(**{"vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2,
+                                            "tie_word_embeddings": False, "rms_norm_eps": 1e-5, **(config or CONFIG)}))
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

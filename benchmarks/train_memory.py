@@ -1,10 +1,12 @@
 """Training memory: peak memory of qlora vs lora vs full on the same model, data and batch.
 
 Each method runs the edgeft train stage in a fresh subprocess (so one run's peak never hides in
-another's), on the 58M-parameter Llama config of train_inputs.py (random weights, 32k vocab),
-batch 8, for a few optimizer steps. Peak memory is the process's peak RSS (VmHWM) on CPU and
-torch.cuda.max_memory_allocated on GPU; step time is the loop's wall time per step. Ratios are
-against `lora` measured in the same run.
+another's), batch 8, for a few optimizer steps, on --model (train_inputs.resolve_model): by default
+the 58M-parameter Llama config of train_inputs.py (random weights, 32k vocab); `random:llama3.2-1b`
+the real-size Llama 3.2 1B shape with random weights (where QLoRA's saving shows: on a GPU, a bf16
+base against NF4); `smollm2` the real SmolLM2-135M-Instruct; or a local model dir. Peak memory is
+the process's peak RSS (VmHWM) on CPU and torch.cuda.max_memory_allocated on GPU; step time is the
+loop's wall time per step. Ratios are against `lora` measured in the same run.
 
     flock /tmp/edgeft-heavy.lock .venv/bin/python benchmarks/train_memory.py --out runs/bench/train_memory.json
 
@@ -37,6 +39,8 @@ VARIANTS = {
 def main() -> None:
     """Run every variant in its own process; print peak memory, step time and ratios vs lora; write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="", help="'' (the 58M random config), 'random:llama3.2-1b', 'smollm2' or a "
+                                                "local transformers model dir (train_inputs.resolve_model)")
     ap.add_argument("--data", default="", help="JSONL of any edgeft format (default: the embedded demo QA)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--max-length", type=int, default=512)
@@ -47,15 +51,23 @@ def main() -> None:
                     help="tiny model, 2 steps, max_length 128: exercises every path, measures nothing")
     args = ap.parse_args()
     if args.smoke:
+        if args.model:
+            raise SystemExit("--smoke trains its own tiny model; drop --model")
         args.steps, args.max_length = 2, 128
     if args.child:
         return child(args)
 
     started = time.time()
+    model = None
+    if not args.smoke:  # built (or refused) once here; every child then loads the same dir
+        from benchmarks.train_inputs import model_shape, resolve_model
+
+        model_dir, info = resolve_model(args.model, Path(args.work), False)
+        model = {**info, **model_shape(model_dir)}
     results = {}
     for name in VARIANTS:
-        proc = subprocess.run([sys.executable, __file__, "--child", name, "--data", args.data, "--steps",
-                               str(args.steps), "--max-length", str(args.max_length), "--work", args.work,
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--model", args.model, "--data", args.data,
+                               "--steps", str(args.steps), "--max-length", str(args.max_length), "--work", args.work,
                                *(["--smoke"] if args.smoke else [])],
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -77,13 +89,14 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"memory_key": key, "steps": args.steps, "batch_size": 8, "max_length": args.max_length,
-              "results": results}
+              "results": results, "wall_s": round(time.time() - started, 1)}
+    if model:
+        report["model"] = model
     if args.smoke:
         from benchmarks.train_inputs import SMOKE_CONFIG
 
         report.update(smoke=True, model={**SMOKE_CONFIG, "weights": "random"},
-                      note="tiny model: the peaks are mostly the interpreter's and libraries' own; measures nothing",
-                      wall_s=round(time.time() - started, 1))
+                      note="tiny model: the peaks are mostly the interpreter's and libraries' own; measures nothing")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
@@ -93,7 +106,7 @@ def child(args) -> None:
     import torch
 
     from benchmarks.common import peak_rss_mib
-    from benchmarks.train_inputs import SMOKE_CONFIG, build_model, data_artifact
+    from benchmarks.train_inputs import SMOKE_CONFIG, build_model, data_artifact, resolve_model
     from edgeft.stages import train
 
     work = Path(args.work)
@@ -103,7 +116,7 @@ def child(args) -> None:
 
         model_dir = build_model(work / "model-smoke", config=SMOKE_CONFIG, tokenizer=smoke_tokenizer())
     else:
-        model_dir = build_model(work / "model58m")
+        model_dir, _ = resolve_model(args.model, work, False)
     data_art, _ = data_artifact(args.data, work)
     cuda = torch.cuda.is_available()
     cfg = train.Config(**VARIANTS[args.child], max_steps=args.steps, batch_size=8, max_length=args.max_length,

@@ -55,7 +55,8 @@ transformers, peft and bitsandbytes once (so no side inherits another's high-wat
 interpreter start-up). Its peak RSS (VmHWM: model load, setup and training) is recorded per run; the side's
 is the median over its repeats, and the memory ratio is edgeft's peak / the baseline's (below 1: edgeft needs
 less). The libraries' own footprint is in every peak alike. On CUDA the peak is torch.cuda.max_memory_allocated
-of that process (memory_key in the JSON says which).
+of that process (memory_key in the JSON says which), and every run is a spawned interpreter: a fork cannot use
+CUDA once its parent initialized it.
 
     flock /tmp/edgeft-heavy.lock .venv/bin/python benchmarks/train_throughput.py \\
         --data /work/shared/data/emanual-tv/qa.jsonl --out runs/bench/train_throughput.json
@@ -217,7 +218,7 @@ def main() -> None:
                   "side); step 1 is warm-up, excluded on every side; setup, model load, saving excluded",
         "tokens": "non-padding tokens (summed example lengths) of the batches of steps 2..N, recorded at collation",
         "memory_key": memory_key,
-        "memory": "peak of each run's own process (forked from a server that imported the libraries): peak RSS "
+        "memory": "peak of each run's own process (forked from a server that imported the libraries; spawned on CUDA): peak RSS "
                   "(VmHWM) in peak_rss_mib, torch.cuda.max_memory_allocated in peak_cuda_mb on CUDA; model load, "
                   "setup and training included; a side's peak is the median over its repeats",
         "ratio": "median tokens/s of the edgeft variant / median tokens/s of the baseline of the same method, this run",

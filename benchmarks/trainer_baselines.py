@@ -69,12 +69,19 @@ class StepClock:
 
 def run_apart(fn, *args, **kwargs) -> dict:
     """fn(*args, **kwargs) -> dict, run in a process of its own (forked from a server holding the imported
-    libraries), with that process's peak RSS (VmHWM, MiB: model load, setup and training included) and its
+    libraries; on a CUDA host, spawned), with that process's peak RSS (VmHWM, MiB: model load, setup and training included) and its
     wall time in it (process_s: what a run costs, not what is timed) added."""
     global _context
     if _context is None:
-        _context = multiprocessing.get_context("forkserver")  # clean: no thread pool of this process is forked
-        _context.set_forkserver_preload(_PRELOAD)
+        import torch
+
+        if torch.cuda.is_available():
+            # a forked child cannot use CUDA once its parent initialized it, and on a CUDA host the preloaded
+            # libraries do: each run starts a fresh interpreter instead (outside the timed steps either way)
+            _context = multiprocessing.get_context("spawn")
+        else:
+            _context = multiprocessing.get_context("forkserver")  # clean: no thread pool of this process is forked
+            _context.set_forkserver_preload(_PRELOAD)
     with ProcessPoolExecutor(max_workers=1, mp_context=_context) as pool:
         return pool.submit(_measured, fn, args, kwargs).result()
 

@@ -255,8 +255,9 @@ def _adapter_models(adapter_art: Artifact, tmp: Path, staging: Path) -> tuple[Pa
     train_cfg = adapter_art.params["config"]
     base_dir = hf_io.resolve_model(adapter_art.inputs["base_model"])
     adapter_dir = adapter_art.path / ADAPTER_DIR
+    trained_on = adapter_art.metrics.get("device", "cpu")
     merged, checks = merging.merge(base_dir, adapter_dir, train_cfg, MergeConfig(dtype="float32"),
-                                 adapter_art.inputs.get("base_weights_sha256"))
+                                 adapter_art.inputs.get("base_weights_sha256"), trained_on)
     reference = tmp / "merged"
     merged.save_pretrained(reference, safe_serialization=True)
     hf_io.copy_tokenizer(adapter_art.path, reference)
@@ -264,7 +265,7 @@ def _adapter_models(adapter_art: Artifact, tmp: Path, staging: Path) -> tuple[Pa
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        merging.load_dequantized(merging.load_nf4(base_dir, train_cfg), base)
+        merging.load_dequantized(merging.load_nf4(base_dir, train_cfg, trained_on)[0], base)
         model_dir = tmp / "base-dequantized"
         base.save_pretrained(model_dir, safe_serialization=True)
         hf_io.copy_tokenizer(adapter_art.path, model_dir)

@@ -42,7 +42,7 @@ def run(src: artifact.Artifact, cfg: Config, out: Path) -> artifact.Artifact:
 
     def payload(tmp: Path) -> dict:
         merged, checks = merge(base_dir, src.path / ADAPTER_DIR, train_cfg, cfg,
-                               src.inputs.get("base_weights_sha256"))
+                               src.inputs.get("base_weights_sha256"), src.metrics.get("device", "cpu"))
         merged.to(DTYPES[cfg.dtype]).save_pretrained(tmp, safe_serialization=True)
         hf_io.copy_tokenizer(src.path, tmp)
         return checks

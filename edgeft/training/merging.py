@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -15,8 +16,10 @@ from edgeft.training import hf_io
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def merge(base_dir: Path, adapter_dir: Path, train_cfg: dict, cfg, base_sha256: str | None = None):
-    """Return (merged fp32 model, check metrics); raises StageFailure when a check fails."""
+def merge(base_dir: Path, adapter_dir: Path, train_cfg: dict, cfg, base_sha256: str | None = None,
+          trained_on: str = "cpu"):
+    """Return (merged fp32 model, check metrics); raises StageFailure when a check fails. `trained_on` is the
+    device the train stage ran on (its manifest's metrics.device): a QLoRA base is quantized there again."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -27,9 +30,9 @@ def merge(base_dir: Path, adapter_dir: Path, train_cfg: dict, cfg, base_sha256: 
     qlora = train_cfg["method"] == "qlora"
     fp32 = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     ids = _verify_ids(fp32.config.vocab_size, cfg)
-    quant, n_deq = None, 0
+    quant, n_deq, where = None, 0, {}
     if qlora:
-        quant = load_nf4(base_dir, train_cfg)
+        quant, where = load_nf4(base_dir, train_cfg, trained_on)
         n_deq = load_dequantized(quant, fp32)  # before any forward: the fused kernel repacks weights
     model = PeftModel.from_pretrained(fp32, adapter_dir)
     model.eval()
@@ -51,7 +54,7 @@ def merge(base_dir: Path, adapter_dir: Path, train_cfg: dict, cfg, base_sha256: 
               "merge_top1_agreement": agree["top1_agreement"], "merge_kl": agree["kl_mean"],
               "merge_tolerance": cfg.tolerance, "change_vs_base": change,
               "saved_dtype_max_abs_diff": (low - ref_logits).abs().max().item(),
-              "dequantized_nf4_tensors": n_deq, "from_qlora": qlora, **kernel}
+              "dequantized_nf4_tensors": n_deq, "from_qlora": qlora, **where, **kernel}
     if agree["rel_diff"] > cfg.tolerance or agree["decisive_mismatches"] or agree["kl_mean"] > cfg.max_kl:
         raise StageFailure(
             f"merge: merged logits differ from base+adapter on the same fp32 weights by {agree['rel_diff']:.2e} "
@@ -81,14 +84,26 @@ def compare_logits(ref: torch.Tensor, other: torch.Tensor) -> dict:
             "kl_mean": kl}
 
 
-def load_nf4(base_dir: Path, train_cfg: dict):
-    """The base as QLoRA trained on it: bitsandbytes 4-bit, loaded as this host runs it."""
+def load_nf4(base_dir: Path, train_cfg: dict, trained_on: str = "cpu"):
+    """(the base as QLoRA trained on it: bitsandbytes 4-bit, {nf4_trained_on, nf4_quantized_on}).
+
+    bitsandbytes' CPU and CUDA quantizers do not give the same NF4 weights: with double quantization the
+    block scales round differently (about 5e-4 on weights of 0.1), and a few codes differ on large tensors.
+    So a base trained on CUDA is quantized on CUDA again when one is visible; where none is, the CPU
+    quantizer's weights are used, a warning says so, and the manifest records both devices."""
     from transformers import AutoModelForCausalLM
 
+    trained = "cuda" if str(trained_on).startswith("cuda") else "cpu"
+    device = "cuda" if trained == "cuda" and torch.cuda.is_available() else "cpu"
+    if device != trained:
+        print(f"edgeft: warning: this QLoRA adapter was trained on a {trained}-quantized NF4 base; no CUDA device "
+              "is visible, so it is merged into the CPU quantizer's NF4 weights (block scales differ by about 5e-4); "
+              "merge on a CUDA host for the exact trained-against weights", file=sys.stderr)
     dtype = DTYPES.get(train_cfg.get("compute_dtype", "float32"), torch.float32)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         base_dir, quantization_config=hf_io.bnb_config(train_cfg["quant_type"], train_cfg["double_quant"], dtype),
-        dtype=torch.float32, device_map={"": "cpu"})
+        dtype=torch.float32, device_map={"": device})
+    return model, {"nf4_trained_on": trained, "nf4_quantized_on": device}
 
 
 def load_dequantized(quant_model, fp32_model) -> int:
@@ -115,10 +130,12 @@ def _host_kernel_deviation(quant, adapter_dir: Path, ids, ref_logits, train_cfg:
     from edgeft.training import nf4
 
     info = nf4.host_kernel(quant, DTYPES.get(train_cfg.get("compute_dtype", "float32"), torch.float32))
-    model = PeftModel.from_pretrained(quant, adapter_dir)
+    device = quant.get_input_embeddings().weight.device
+    # device_map kept as loaded: peft's default ("auto") moves a model loaded on the CPU to any visible GPU
+    model = PeftModel.from_pretrained(quant, adapter_dir, device_map={"": str(device)})
     model.eval()
     with torch.no_grad():
-        got = model(ids).logits.float()
+        got = model(ids.to(device)).logits.float().cpu()
     agree = compare_logits(ref_logits, got)
     return {"nf4_kernel": info["kernel"], "nf4_kernel_activation_dtype": info["activation_dtype"],
             "nf4_kernel_rel_diff": agree["rel_diff"], "nf4_kernel_max_abs_diff": agree["max_abs_diff"],

@@ -49,10 +49,14 @@ def pin_dequantize(model, compute_dtype: torch.dtype, device: torch.device) -> d
 
 
 def host_kernel(model, compute_dtype: torch.dtype) -> dict:
-    """The 4-bit inference path bitsandbytes takes for `model` on this CPU, and its activation dtype."""
+    """The 4-bit inference path bitsandbytes takes for `model` where it is loaded (CUDA, or this CPU), and its
+    activation dtype."""
     layers = linear4bit_layers(model)
-    fused = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
     asked = str(compute_dtype).removeprefix("torch.")
+    if layers and layers[0].weight.device.type == "cuda":
+        return {"kernel": KERNEL_CUDA, "activation_dtype": asked, "compute_dtype_requested": asked,
+                "compute_dtype_honoured": True}
+    fused = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
     active = "bfloat16" if fused else asked
     return {"kernel": KERNEL_FUSED_BF16 if fused else KERNEL_DEQUANT, "activation_dtype": active,
             "compute_dtype_requested": asked, "compute_dtype_honoured": active == asked}

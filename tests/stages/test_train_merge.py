@@ -1,4 +1,5 @@
-"""Train (every method) and merge (with its verification) on the tiny model, on CPU."""
+"""Train (every method) and merge (with its verification) on the tiny model: on CPU (device pinned, so a GPU
+host runs the same checks), and on CUDA in the tests marked gpu."""
 
 import shutil
 
@@ -10,7 +11,7 @@ from edgeft.errors import StageFailure, UserError
 from edgeft.stages import data, merge, train
 from edgeft.training import merging, nf4
 
-FAST = dict(max_steps=8, batch_size=4, lr=3e-3, max_length=64, eval_samples=8, log_every=1)
+FAST = dict(max_steps=8, batch_size=4, lr=3e-3, max_length=64, eval_samples=8, log_every=1, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,29 @@ def test_same_seed_same_weights(tiny_llama_dir, data_art, tmp_path):
     assert a.manifest["files"]["model.safetensors"] == b.manifest["files"]["model.safetensors"]
 
 
+def test_a_cuda_trained_qlora_adapter_merged_without_cuda_says_whose_nf4_it_used(qlora_art, tmp_path, capsys):
+    """bitsandbytes' CPU and CUDA quantizers give different NF4 block scales: an adapter trained on a CUDA-quantized
+    base, merged where no CUDA device is visible, is merged into the CPU's weights, with a warning and both devices
+    in the manifest (on a CUDA host merge quantizes on CUDA again: test_qlora_on_cuda_end_to_end)."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the base is quantized on CUDA again")
+
+    def as_if_trained_on_cuda(d):
+        shutil.copytree(qlora_art.path, d, dirs_exist_ok=True)
+        (d / "manifest.json").unlink()
+        return {**qlora_art.metrics, "device": "cuda"}
+
+    art = artifact.build(tmp_path / "cuda-art", kind="adapter", stage="train", params=qlora_art.manifest["params"],
+                         parent=None, inputs=qlora_art.manifest["inputs"], payload=as_if_trained_on_cuda)
+    m = merge.run(art, merge.Config(dtype="float32"), tmp_path / "m").metrics
+    assert m["nf4_trained_on"] == "cuda" and m["nf4_quantized_on"] == "cpu" and m["merge_rel_diff"] <= 1e-4
+    err = capsys.readouterr().err
+    assert "trained on a cuda-quantized NF4 base" in err and "merge on a CUDA host" in err
+    own = merge.run(qlora_art, merge.Config(dtype="float32"), tmp_path / "own").metrics
+    assert own["nf4_trained_on"] == own["nf4_quantized_on"] == "cpu"
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_merge_refuses_an_adapter_that_changed_nothing(qlora_art, tmp_path):
     fake = tmp_path / "zero"
     shutil.copytree(qlora_art.path, fake)
@@ -91,11 +115,27 @@ def test_cpu_refuses_cuda_only_options(tiny_llama_dir, data_art, tmp_path):
 
 @pytest.mark.gpu
 def test_qlora_on_cuda_end_to_end(tiny_llama_dir, data_art, tmp_path):
-    art = train.run(str(tiny_llama_dir), train.Config(method="qlora", device="cuda", compute_dtype="bfloat16",
-                                                      optim="paged_adamw_8bit", **FAST), tmp_path / "t", data=data_art)
-    assert art.metrics["peak_cuda_mb"] > 0
-    m = merge.run(art, merge.Config(), tmp_path / "m")
-    assert m.metrics["change_vs_base"] > 1e-3
+    cfg = {**FAST, "device": "cuda", "compute_dtype": "bfloat16", "optim": "paged_adamw_8bit"}
+    art = train.run(str(tiny_llama_dir), train.Config(method="qlora", **cfg), tmp_path / "t", data=data_art)
+    assert art.metrics["peak_cuda_mb"] > 0 and art.metrics["device"].startswith("cuda")
+    assert art.metrics["numerics"]["nf4_kernel"] == nf4.KERNEL_CUDA
+    m = merge.run(art, merge.Config(), tmp_path / "m").metrics
+    assert m["change_vs_base"] > 1e-3 and m["merge_rel_diff"] <= 1e-4
+    assert m["nf4_trained_on"] == m["nf4_quantized_on"] == "cuda" and m["nf4_kernel"] == nf4.KERNEL_CUDA
+
+
+@pytest.mark.gpu
+def test_lora_on_cuda_trains_what_the_cpu_run_trains(tiny_llama_dir, data_art, tmp_path):
+    """fp32 LoRA on CUDA and on CPU, same seed and data: the same first loss (the adapter starts at zero) and
+    loss curves that stay together; the CUDA adapter merges through the same check."""
+    arts = {d: train.run(str(tiny_llama_dir), train.Config(method="lora", **{**FAST, "device": d}), tmp_path / d,
+                         data=data_art) for d in ("cpu", "cuda")}
+    cpu, gpu = ([loss for _, loss in arts[d].metrics["loss_curve"]] for d in ("cpu", "cuda"))
+    print("loss cpu", cpu, "cuda", gpu)
+    assert len(cpu) == len(gpu) and abs(cpu[0] - gpu[0]) <= 1e-4
+    assert max(abs(a - b) for a, b in zip(cpu, gpu)) <= 2e-2 and gpu[-1] < gpu[0]
+    assert arts["cuda"].metrics["peak_cuda_mb"] > 0 and arts["cpu"].metrics["peak_cuda_mb"] is None
+    assert merge.run(arts["cuda"], merge.Config(), tmp_path / "m").metrics["merge_rel_diff"] <= 1e-4
 
 
 def test_packing_eval_curve_and_plot_through_the_stage(tiny_llama_dir, data_art, tmp_path):
