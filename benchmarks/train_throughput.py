@@ -218,9 +218,9 @@ def main() -> None:
                   "side); step 1 is warm-up, excluded on every side; setup, model load, saving excluded",
         "tokens": "non-padding tokens (summed example lengths) of the batches of steps 2..N, recorded at collation",
         "memory_key": memory_key,
-        "memory": "peak of each run's own process (forked from a server that imported the libraries; spawned on CUDA): peak RSS "
-                  "(VmHWM) in peak_rss_mib, torch.cuda.max_memory_allocated in peak_cuda_mb on CUDA; model load, "
-                  "setup and training included; a side's peak is the median over its repeats",
+        "memory": "peak of each run's own process (forked from a server that imported the libraries; spawned on "
+                  "CUDA): peak RSS (VmHWM) in peak_rss_mib, torch.cuda.max_memory_allocated in peak_cuda_mb on "
+                  "CUDA; model load, setup and training included; a side's peak is the median over its repeats",
         "ratio": "median tokens/s of the edgeft variant / median tokens/s of the baseline of the same method, this run",
         "memory_ratio": "peak memory (memory_key) of the edgeft variant / that of the baseline of the same method, "
                         "this run; below 1: edgeft needs less",

@@ -69,8 +69,8 @@ class StepClock:
 
 def run_apart(fn, *args, **kwargs) -> dict:
     """fn(*args, **kwargs) -> dict, run in a process of its own (forked from a server holding the imported
-    libraries; on a CUDA host, spawned), with that process's peak RSS (VmHWM, MiB: model load, setup and training included) and its
-    wall time in it (process_s: what a run costs, not what is timed) added."""
+    libraries; on a CUDA host, spawned), with that process's peak RSS (VmHWM, MiB: model load, setup and
+    training included) and its wall time in it (process_s: what a run costs, not what is timed) added."""
     global _context
     if _context is None:
         import torch

@@ -30,3 +30,19 @@ def test_smoke_runs_every_variant_with_consistent_ratios(tmp_path):
     assert res["full"]["trainable_params"] == res["full"]["total_params"]
     for name in ("qlora_gc", "qlora", "lora"):
         assert res[name]["trainable_params"] < res["full"]["trainable_params"], name
+
+
+def test_an_unknown_model_shape_is_refused_with_the_known_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from benchmarks.train_inputs import RANDOM, SHAPES
+    from tests.benchmarks.smoke import REPO
+
+    known = ", ".join(RANDOM + k for k in SHAPES)
+    for args, says in ((["--model", "random:nope"], f"random:nope: unknown shape; known: {known}"),
+                       (["--smoke", "--model", "random:nope"], "--smoke trains its own tiny model; drop --model")):
+        proc = subprocess.run([sys.executable, "benchmarks/train_memory.py", *args, "--work", str(tmp_path),
+                               "--out", str(tmp_path / "m.json")], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode != 0 and says in proc.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "m.json").exists()
