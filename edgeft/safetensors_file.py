@@ -121,6 +121,10 @@ class SafeTensorsFile:
         """Shape of tensor `name`."""
         return tuple(self._header[name]["shape"])
 
+    def dtype(self, name: str) -> str:
+        """Stored dtype of tensor `name` (safetensors' name: F32, F16, BF16...)."""
+        return self._header[name]["dtype"]
+
     def read_f32(self, name: str):
         """Tensor `name` as a new float32 numpy array."""
         import numpy as np

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -35,14 +36,15 @@ _CHILD_TIMEOUT_S = 900
 
 
 def parity_gate(hf_dir: Path, files: dict[str, Path], tmp: Path, lora: Path | None = None,
-                evals: list[dict] | None = None, min_top1: dict[str, float] | None = None, threads: int = 1) -> dict:
+                evals: list[dict] | None = None, min_top1: dict[str, float] | None = None, threads: int = 1,
+                explain: Callable[[str], str] | None = None) -> dict:
     """Load every file in a subprocess; check the gate file's tokenization and logits against HF/torch.
 
     `hf_dir` is the reference model (the merged one when `lora` is applied over the files). `evals`
     ({"prompt": text, "ids": prompt ids, "full": prompt + answer ids, "start": first answer index})
     adds, per eval conversation: llama.cpp's tokenization of the prompt text, and teacher-forced
     top-1 agreement and KL(torch || llama.cpp) on the answer tokens (as the bench measures them) of
-    every file, held to `min_top1[type]`."""
+    every file, held to `min_top1[type]`; `explain(type)` adds what is known of why a type fell short."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,8 +72,9 @@ def parity_gate(hf_dir: Path, files: dict[str, Path], tmp: Path, lora: Path | No
             got = report["files"][t]["tf_top1_agreement"]
             if need is not None and got < need:
                 problems.append(f"{files[t].name}: teacher-forced top-1 agreement {got:.4f} < {need} on "
-                                f"{len(evals)} eval conversations (KL {report['files'][t]['tf_kld']:.4g}); use a "
-                                "wider type, export_gguf.imatrix=true, or lower export_gguf.min_top1_*")
+                                f"{len(evals)} eval conversations (KL {report['files'][t]['tf_kld']:.4g})"
+                                f"{explain(t) if explain else ''}; use a wider type, export_gguf.imatrix=true, "
+                                "or lower export_gguf.min_top1_*")
     report["tokenization_match"] = not any("tokeniz" in p for p in problems)
     g, tol = report["files"][gate_type], _REL_TOL.get(gate_type)
     if tol is not None and g["rel_logit_diff"] > tol:

@@ -58,7 +58,7 @@ def convert(hf_dir: Path, out_file: Path, out_type: str = "f16", name: str | Non
         raise UserError(f"GGUF type {out_type!r} is not written by this converter; "
                         f"valid: {', '.join(OUT_TYPES)}")
     spec, hp, config = model_spec(hf_dir)
-    locations = _tensor_locations(hf_dir)
+    locations = tensor_locations(hf_dir)
     plan, fallbacks = _plan(spec, hp, locations, out_type)
     n_rows = next(p.shape[0] for p in plan if p.gguf_name.startswith(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]))
     vocab = gguf_vocab.load(hf_dir, spec.vocab, n_rows, config)
@@ -135,7 +135,7 @@ def qk_heads(spec: ArchSpec, hp: dict, hf_stem: str) -> int:
     return 0
 
 
-def _tensor_locations(hf_dir: Path) -> dict[str, Path]:
+def tensor_locations(hf_dir: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it (single file or sharded index)."""
     index = hf_dir / _SAFETENSORS_INDEX
     if index.is_file():

@@ -32,6 +32,7 @@ from edgeft.gguf import imatrix as gguf_imatrix
 from edgeft.gguf import lora as gguf_lora
 from edgeft.gguf import modelfile as gguf_modelfile
 from edgeft.gguf import parity as gguf_parity
+from edgeft.gguf import retention as gguf_retention
 from edgeft.gguf import writer as gguf_writer
 from edgeft.training import hf_io
 
@@ -41,6 +42,7 @@ _LLAMA_QUANTS = tuple(t for t in VALID_TYPES if variants.get("gguf", t).llama_ft
 ADAPTER_FILE = "adapter-f32.gguf"  # the LoRA of an adapter export
 IMATRIX_FILE = "imatrix.gguf"  # llama.cpp's imatrix format: also usable with llama-quantize --imatrix
 _IMATRIX_MAX_TOKENS = 512  # per calibration conversation
+_FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF tensor types that are not a quantization grid
 
 
 def _bar(quant: str) -> float:
@@ -109,8 +111,9 @@ def run(src: Artifact, cfg: Config, out: Path, *, data: Artifact | None = None) 
             evals = _eval_conversations(reference, data, cfg.parity_samples) if data is not None else []
             min_top1 = {t: variants.bar(variants.get("gguf", t), cfg) for t in files}
             min_top1 = {t: v for t, v in min_top1.items() if v is not None}
+            explain = None if adapter_info else _tune_explainer(src, model_dir, files)
             metrics["parity"] = gguf_parity.parity_gate(reference, files, tmp, lora, evals, min_top1,
-                                                        threads=cfg.threads)
+                                                        threads=cfg.threads, explain=explain)
         return metrics
 
     inputs = {"data_id": data.id} if cfg.imatrix else None
@@ -279,6 +282,34 @@ def _adapter_models(adapter_art: Artifact, tmp: Path, staging: Path) -> tuple[Pa
 
 def _find_data(src: Artifact) -> Artifact | None:
     return hf_io.run_data(src, TRAIN_FILE)
+
+
+def _tune_explainer(src: Artifact, model_dir: Path, files: dict[str, Path]):
+    """explain(type) for the parity gate's failure: the share of the tune's weight change the file keeps
+    (edgeft.gguf.retention), when `src` is a tune with its base's tensors (a merge, a full or freeze train) and
+    that base is on this machine; None otherwise."""
+    if src.kind != KIND_HF or src.stage not in ("merge", "train"):
+        return None
+    try:
+        base_dir = hf_io.resolve_model(src.inputs.get("base_model", ""))
+    except (UserError, OSError, ValueError):
+        return None
+    base = artifact.read_manifest(base_dir) or {}
+    source = {t for t in ((base.get("metrics") or {}).get("source_quant_types") or {}) if t not in _FLOAT_TYPES}
+
+    def explain(gguf_type: str) -> str:
+        kept = gguf_retention.tune_retained(model_dir, base_dir, files[gguf_type])
+        if kept is None:
+            return ""
+        note = (f"; it keeps {kept['share']:.0%} of what the tune changed in the weights (1 = all; least: "
+                f"{kept['min_share']:.0%} in {kept['min_tensor']})")
+        if source and abs(kept["share"] - 1) > 0.1:
+            note += (f": the base was imported from a {'/'.join(sorted(source))} GGUF and the tune moved its weights "
+                     "by less than this type's rounding step, so rounding undoes or inflates it; ship the tune "
+                     "beside the base (export_gguf.adapter=true: llama.cpp adds it at run time)")
+        return note
+
+    return explain
 
 
 def _eval_conversations(model_dir: Path, data: Artifact, n: int) -> list[dict]:
