@@ -62,6 +62,8 @@ VARIANTS = {v.key: v for v in (
     _gguf("bf16", 16.0, "BF16", 32),
     _gguf("q8_0", 8.5, "Q8_0", 7, "min_top1_q8_0", 0.99),  # 32 int8 + one fp16 scale per block
     _gguf("q4_0", 4.5, "Q4_0", 2, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q4_0"),  # 32 4-bit + an fp16 scale
+    # + an fp16 minimum: the type of SmolLM2's registry GGUF, which a base imported from it re-quantizes to unchanged
+    _gguf("q4_1", 5.0, "Q4_1", 3, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q4_1"),
     _gguf("q4_k_m", 4.89, "Q4_K", 15, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q4_K_M"),  # K-quant mixes:
     _gguf("q5_k_m", 5.69, "Q5_K", 17, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q5_K_M"),  # llama.cpp widens
     _gguf("q6_k", 6.5625, "Q6_K", 18, "min_top1_quant", 0.95, "LLAMA_FTYPE_MOSTLY_Q6_K"),  # attn_v, ffn_down

@@ -54,16 +54,16 @@ class Config:
     """What export_gguf builds."""
 
     types: tuple[str, ...] = opt(("f16", "q8_0", "q4_k_m"), "files to build, one per type (f32, f16, bf16, q8_0, "
-                                                            "q6_k, q5_k_m, q4_k_m, q4_0); set by the device profile "
-                                                            "(profile.gguf)")
+                                                            "q6_k, q5_k_m, q4_k_m, q4_1, q4_0); set by the device "
+                                                            "profile (profile.gguf)")
     threads: int = opt(2, "llama.cpp threads of the quantizer and the parity gate (llama.cpp's results do not depend "
                           "on them); set by the device profile (profile.threads)")
-    imatrix: bool = opt(False, "weigh q4_0/K-quant rounding by activations on the fine-tune data (chat template)")
+    imatrix: bool = opt(False, "weigh q4_0/q4_1/K-quant rounding by activations on the fine-tune data (chat template)")
     imatrix_samples: int = opt(256, "training conversations the importance matrix is computed on")
     adapter: bool = opt(False, "ship the base files + adapter-f32.gguf (llama.cpp LoRA) instead of a merged model")
     parity_samples: int = opt(64, "eval conversations (from the run's data) for tokenization + teacher-forced checks")
     min_top1_q8_0: float = opt(_bar("q8_0"), "teacher-forced top-1 agreement with torch the q8_0 file must reach")
-    min_top1_quant: float = opt(_bar("q4_k_m"), "the same for llama.cpp-quantized files (q4_0, K-quants)")
+    min_top1_quant: float = opt(_bar("q4_k_m"), "the same for llama.cpp-quantized files (q4_0, q4_1, K-quants)")
 
 
 def run(src: Artifact, cfg: Config, out: Path, *, data: Artifact | None = None) -> Artifact:

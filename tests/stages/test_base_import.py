@@ -158,3 +158,24 @@ def test_a_qwen3_gguf_imports_to_the_same_model_and_tokenizer_and_exports_again(
             t, add_special_tokens=False).ids, t
     again = gguf_writer.convert(art.path, tmp_path / "again.gguf", "f16")
     assert again["arch"] == "qwen3" and again["tokenizer"] == "gpt2"
+
+
+def test_a_base_imported_from_q4_1_re_quantizes_to_q4_1_unchanged(tiny_bpe_llama_dir, tmp_path):
+    """Q4_1 of weights that are already on a Q4_1 grid finds that grid again: the export can ship the base as the
+    registry's file had it (with export_gguf.adapter=true the tune rides beside it, unrounded)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from edgeft.stages import export_gguf
+
+    gguf_writer.convert(tiny_bpe_llama_dir, tmp_path / "src.f16.gguf", "f16")
+    export_gguf._llama_quantize(tmp_path / "src.f16.gguf", tmp_path / "src.q4_1.gguf", "q4_1", 1)
+    imported = base_import.ensure(str(tmp_path / "src.q4_1.gguf"), tmp_path / "cache")
+    assert imported.metrics["source_quant_types"]["Q4_1"] == 2 * 7  # every block projection
+    gguf_writer.convert(imported.path, tmp_path / "again.f16.gguf", "f16")
+    export_gguf._llama_quantize(tmp_path / "again.f16.gguf", tmp_path / "again.q4_1.gguf", "q4_1", 1)
+    src, again = ({t.name: t for t in GGUFReader(tmp_path / f"{n}.q4_1.gguf").tensors} for n in ("src", "again"))
+    q4_1 = [n for n, t in src.items() if t.tensor_type.name == "Q4_1"]
+    assert len(q4_1) == 2 * 7 and all(again[n].tensor_type.name == "Q4_1" for n in q4_1)
+    for n in q4_1:  # a block whose fp16 scale rounds one step the other way may differ; nothing else
+        assert np.mean(np.asarray(src[n].data).view(np.uint8) == np.asarray(again[n].data).view(np.uint8)) >= 0.9999

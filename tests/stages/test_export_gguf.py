@@ -88,7 +88,7 @@ def test_wrong_kind_and_unknown_type_are_user_errors(hf_art, tmp_path):
                           payload=lambda d: (d / "train.jsonl").write_text("{}\n") and {})
     with pytest.raises(UserError, match="needs hf"):
         export_gguf.run(data, export_gguf.Config(), tmp_path / "a")
-    with pytest.raises(UserError, match="valid types: f32, f16, bf16, q8_0, q4_0, q4_k_m"):
+    with pytest.raises(UserError, match="valid types: f32, f16, bf16, q8_0, q4_0, q4_1, q4_k_m"):
         export_gguf.run(hf_art, export_gguf.Config(types=("f16", "q3_xs")), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
