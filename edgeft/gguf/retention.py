@@ -56,7 +56,7 @@ def tune_retained(tuned_dir: Path, base_dir: Path, gguf_file: Path) -> dict | No
             t, b = tuned.read_f32(name), opened(base_at[name]).read_f32(name)
             if t.shape != b.shape:
                 return None
-            b = stored(b, tuned.dtype(name))  # the base as the tuned file's dtype holds it: no rounding counted as tune
+            b = stored(b, tuned.dtype(name))  # the base as the tuned file's dtype holds it: rounding is no tune
             d = t - b
             dd = float(np.dot(d.ravel(), d.ravel()))
             if t.ndim != 2 or dd == 0.0:

@@ -298,7 +298,10 @@ def _tune_explainer(src: Artifact, model_dir: Path, files: dict[str, Path]):
     source = {t for t in ((base.get("metrics") or {}).get("source_quant_types") or {}) if t not in _FLOAT_TYPES}
 
     def explain(gguf_type: str) -> str:
-        kept = gguf_retention.tune_retained(model_dir, base_dir, files[gguf_type])
+        try:
+            kept = gguf_retention.tune_retained(model_dir, base_dir, files[gguf_type])
+        except (UserError, OSError, ValueError, KeyError):  # an unreadable base: the gate's own finding stands
+            return ""
         if kept is None:
             return ""
         note = (f"; it keeps {kept['share']:.0%} of what the tune changed in the weights (1 = all; least: "

@@ -15,7 +15,7 @@ import torch
 
 from edgeft import rss
 from edgeft.errors import UserError
-from edgeft.training import batching, checkpoint, dist, hf_io
+from edgeft.training import batching, checkpoint, dist
 from edgeft.training.batching import collate  # noqa: F401  (part of this module's interface)
 
 # Loop fields a config may leave out (distill's config need not carry them), with their defaults.
