@@ -54,9 +54,10 @@ def select(records: list[dict], profile, *, reference: float | None = None,
     if mem_over > 0:
         misses.append(f"memory {mem:.1f} MiB > budget {mem_budget_mb:.1f} MiB "
                       f"(over by {mem - mem_budget_mb:.1f} MiB, {mem_over:.1%})")
-    raise UserError(f"select: no variant within profile '{_get(profile, 'name', '?')}' budgets; closest miss "
-                    f"{r['name']}: {' and '.join(misses)}; relax profile.accuracy_budget / "
-                    "profile.memory_budget_gb or retrain")
+    name = _get(profile, "name")  # a device profile has one; the bench stage's config carries only the budgets
+    within = f"profile '{name}' budgets" if name else "the profile's budgets"
+    raise UserError(f"select: no variant within {within}; closest miss {r['name']}: {' and '.join(misses)}; relax "
+                    "profile.accuracy_budget / profile.memory_budget_gb or retrain")
 
 
 def reference_score(records: list[dict]) -> float:

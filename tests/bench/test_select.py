@@ -54,6 +54,12 @@ def test_accuracy_miss_reports_the_gap():
         select(RECORDS, Profile(accuracy_budget=1.05, memory_budget_gb=1.0))
     # need 0.84; f16 at 0.80 is the closest, 0.04 short
     assert "closest miss gguf-f16" in str(e.value) and "short by 0.0400" in str(e.value)
+    from edgeft.stages.bench import Config  # the bench stage's config: budgets, no profile name
+
+    with pytest.raises(UserError) as e:
+        select(RECORDS, Config(accuracy_budget=1.05, memory_budget_gb=1.0))
+    msg = str(e.value)
+    assert "no variant within the profile's budgets; closest miss gguf-f16" in msg and "'?'" not in msg
 
 
 def test_reference_from_argument_or_error():
