@@ -287,13 +287,11 @@ def _find_data(src: Artifact) -> Artifact | None:
 def _tune_explainer(src: Artifact, model_dir: Path, files: dict[str, Path]):
     """explain(type) for the parity gate's failure: the share of the tune's weight change the file keeps
     (edgeft.gguf.retention), when `src` is a tune with its base's tensors (a merge, a full or freeze train) and
-    that base is on this machine; None otherwise."""
-    if src.kind != KIND_HF or src.stage not in ("merge", "train"):
+    that base is a local dir (a hub id is never fetched to explain a failure); None otherwise."""
+    base = str(src.inputs.get("base_model") or "")
+    if src.kind != KIND_HF or src.stage not in ("merge", "train") or not base or not Path(base).is_dir():
         return None
-    try:
-        base_dir = hf_io.resolve_model(src.inputs.get("base_model", ""))
-    except (UserError, OSError, ValueError):
-        return None
+    base_dir = Path(base)
     base = artifact.read_manifest(base_dir) or {}
     source = {t for t in ((base.get("metrics") or {}).get("source_quant_types") or {}) if t not in _FLOAT_TYPES}
 
